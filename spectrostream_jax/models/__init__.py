@@ -1,0 +1,1 @@
+"""Flax Linen modules of the codec and its discriminators."""

@@ -1,0 +1,393 @@
+"""SpectroStream encoder, decoder and codec module, with named presets.
+
+The encoder runs each audio channel through the same weights (channels are
+folded into the batch) until `fusion_block`, where the branches are
+concatenated on the feature axis. The decoder runs jointly until it splits
+after `split_block` into per-channel branches with shared weights. Both
+choices, and the decoder look-ahead, are config values so the paper's
+ablations are a config change away.
+"""
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from spectrostream_jax import signal
+from spectrostream_jax.models import layers
+from spectrostream_jax.models import quantizer as rvq
+
+
+@dataclasses.dataclass(frozen=True)
+class CodecConfig:
+  """Architecture of one SpectroStream model. Defaults: the 48 kHz preset."""
+
+  sample_rate: int = 48_000
+  num_channels: int = 2
+  frame_length: int = 960
+  hop_length: int = 480
+  encoder_base_channels: int = 32
+  # Per-branch output channels and (time, freq) strides of encoder_0..N.
+  encoder_channels: tuple[int, ...] = (64, 64, 128, 128, 128, 256, 256)
+  encoder_strides: tuple[tuple[int, int], ...] = (
+    (1, 2),
+    (1, 2),
+    (1, 3),
+    (1, 2),
+    (1, 2),
+    (2, 2),
+    (2, 1),
+  )
+  bottleneck_channels: int = 256
+  # Index in [encoder_0, ..., encoder_N, bottleneck] of the first unit that
+  # sees the concatenated channels; len(encoder_channels) + 1 fuses after.
+  fusion_block: int = 6
+  embedding_dim: int = 256
+  decoder_input_channels: int = 512
+  # Per-branch output channels and strides of decoder_0..N. Units up to and
+  # including `split_block` are joint and have num_channels× the channels.
+  decoder_channels: tuple[int, ...] = (512, 256, 256, 256, 128, 128, 64)
+  decoder_strides: tuple[tuple[int, int], ...] = (
+    (2, 1),
+    (2, 2),
+    (1, 2),
+    (1, 2),
+    (1, 3),
+    (1, 2),
+    (1, 2),
+  )
+  # -1 splits right after input_layers_residual_unit.
+  split_block: int = 0
+  # Embeddings of look-ahead the decoder is given (frames dropped / 4).
+  lookahead: int = 1
+  quantizer: rvq.QuantizerConfig = rvq.QuantizerConfig()
+  # Compute dtype of the convolutions ('float32' or 'bfloat16'); params f32.
+  dtype: str = 'float32'
+
+  def __post_init__(self):
+    bins = self.frame_length // 2
+    if bins % self.freq_stride:
+      raise ValueError(
+        f'{bins} bins not divisible by the frequency strides {self.freq_stride}'
+      )
+    if math.prod(s[0] for s in self.decoder_strides) != self.time_stride:
+      raise ValueError('encoder and decoder time strides differ')
+    if not 0 <= self.fusion_block <= len(self.encoder_channels) + 1:
+      raise ValueError(f'fusion_block {self.fusion_block} out of range')
+    if not -1 <= self.split_block < len(self.decoder_channels):
+      raise ValueError(f'split_block {self.split_block} out of range')
+    if self.quantizer.dim != self.embedding_dim:
+      raise ValueError('quantizer.dim must equal embedding_dim')
+
+  @property
+  def time_stride(self) -> int:
+    """STFT frames per embedding."""
+    return math.prod(s[0] for s in self.encoder_strides)
+
+  @property
+  def freq_stride(self) -> int:
+    return math.prod(s[1] for s in self.encoder_strides)
+
+  @property
+  def latent_bins(self) -> int:
+    return self.frame_length // 2 // self.freq_stride
+
+  @property
+  def samples_per_frame(self) -> int:
+    """Audio samples per embedding (1920 at 48 kHz: 40 ms, 25 Hz)."""
+    return self.hop_length * self.time_stride
+
+  @property
+  def frame_rate(self) -> float:
+    return self.sample_rate / self.samples_per_frame
+
+  @property
+  def bits_per_level(self) -> int:
+    return int(math.log2(self.quantizer.codebook_size))
+
+  @property
+  def kbps_per_level(self) -> float:
+    return self.frame_rate * self.bits_per_level / 1000.0
+
+  def levels_for_kbps(self, kbps: float) -> int:
+    levels = kbps / self.kbps_per_level
+    if abs(levels - round(levels)) > 1e-9 or not (
+      1 <= round(levels) <= self.quantizer.num_levels
+    ):
+      raise ValueError(
+        f'{kbps} kbps is not a whole number of levels in 1..'
+        f'{self.quantizer.num_levels} ({self.kbps_per_level} kbps per level)'
+      )
+    return round(levels)
+
+  def kbps_for_levels(self, levels: int) -> float:
+    return levels * self.kbps_per_level
+
+  @property
+  def latency_samples(self) -> int:
+    """Frame + decoder look-ahead, in samples."""
+    return (1 + self.lookahead) * self.samples_per_frame
+
+  @property
+  def latency_ms(self) -> float:
+    return 1000.0 * self.latency_samples / self.sample_rate
+
+  @property
+  def worst_case_latency_ms(self) -> float:
+    """Adds the STFT window's overhang past its hop."""
+    overhang = self.frame_length - self.hop_length
+    return 1000.0 * (self.latency_samples + overhang) / self.sample_rate
+
+  def output_samples(self, num_embeddings: int) -> int:
+    return max(num_embeddings - self.lookahead, 0) * self.samples_per_frame
+
+  def num_embeddings(self, num_samples: int) -> int:
+    frames = signal.num_frames(num_samples, self.hop_length)
+    return math.ceil(frames / self.time_stride)
+
+
+def _fold_channels(x: jax.Array, channels: int) -> jax.Array:
+  """[B, ..., C·ch] -> [C·B, ..., ch] (audio channel to batch)."""
+  b, *mid, c = x.shape
+  x = x.reshape(b, *mid, channels, c // channels)
+  x = jnp.moveaxis(x, -2, 0)
+  return x.reshape(channels * b, *mid, c // channels)
+
+
+def _unfold_channels(x: jax.Array, channels: int) -> jax.Array:
+  """[C·B, ..., ch] -> [B, ..., C·ch], branch c in channels [c·ch, (c+1)·ch)."""
+  cb, *mid, c = x.shape
+  x = x.reshape(channels, cb // channels, *mid, c)
+  x = jnp.moveaxis(x, 0, -2)
+  return x.reshape(cb // channels, *mid, channels * c)
+
+
+class ResidualMLP(nn.Module):
+  """`conv1x1_<linear>` + `shortcut_layer/{conv1x1_b1, conv1x1_b2}`."""
+
+  features: int
+  hidden: int
+  linear_name: str
+  elu_first: bool
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    linear = layers.Dense1x1(self.features, name=self.linear_name, dtype=self.dtype)
+    return linear(x) + _MLPBranch(
+      self.features, self.hidden, self.elu_first, self.dtype, name='shortcut_layer'
+    )(x)
+
+
+class _MLPBranch(nn.Module):
+  features: int
+  hidden: int
+  elu_first: bool
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.elu_first:
+      x = nn.elu(x)
+    x = layers.Dense1x1(self.hidden, name='conv1x1_b1', dtype=self.dtype)(x)
+    x = nn.elu(x)
+    return layers.Dense1x1(self.features, name='conv1x1_b2', dtype=self.dtype)(x)
+
+
+class Encoder(nn.Module):
+  """STFT features [B, T_f, bins, 2C] -> embeddings [B, ceil(T_f/4), D]."""
+
+  config: CodecConfig
+
+  @nn.compact
+  def __call__(self, features: jax.Array) -> jax.Array:
+    c = self.config
+    dtype = jnp.dtype(c.dtype)
+    x = _fold_channels(features, c.num_channels)
+    x = layers.CausalConv2D(
+      c.encoder_base_channels, (7, 7), name='base_conv_first', dtype=dtype
+    )(x)
+    units = [
+      (f'encoder_{i}', ch, s)
+      for i, (ch, s) in enumerate(
+        zip(c.encoder_channels, c.encoder_strides, strict=True)
+      )
+    ]
+    units.append(('bottleneck', c.bottleneck_channels, (1, 1)))
+    for i, (name, ch, stride) in enumerate(units):
+      if i == c.fusion_block:
+        x = _unfold_channels(x, c.num_channels)
+      x = layers.EncoderUnit(ch, stride, name=name, dtype=dtype)(x)
+    if c.fusion_block == len(units):
+      x = _unfold_channels(x, c.num_channels)
+    b, n, f, ch = x.shape
+    x = x.reshape(b, n, f * ch)
+    x = ResidualMLP(
+      c.embedding_dim,
+      hidden=f * ch,
+      linear_name='conv1x1_last',
+      elu_first=True,
+      dtype=dtype,
+      name='output_convs',
+    )(x)
+    return x.astype(jnp.float32)
+
+
+class _OutputLayer(nn.Module):
+  features: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return layers.CausalConv2D(
+      self.features, (7, 7), name='base_conv_last', dtype=self.dtype
+    )(nn.elu(x))
+
+
+class Decoder(nn.Module):
+  """Embeddings [B, N, D] -> STFT features [B, 4(N - lookahead), bins, 2C]."""
+
+  config: CodecConfig
+
+  @nn.compact
+  def __call__(self, emb: jax.Array) -> jax.Array:
+    c = self.config
+    dtype = jnp.dtype(c.dtype)
+    joint = c.decoder_input_channels
+    x = ResidualMLP(
+      c.latent_bins * joint,
+      hidden=c.latent_bins * joint,
+      linear_name='conv1x1_first',
+      elu_first=False,
+      dtype=dtype,
+      name='input_layer',
+    )(emb)
+    b, n, _ = x.shape
+    x = x.reshape(b, n, c.latent_bins, joint)
+    x = layers.DecoderUnit(
+      joint, (1, 1), name='input_layers_residual_unit', dtype=dtype
+    )(x)
+    if c.split_block == -1:
+      x = _fold_channels(x, c.num_channels)
+    for i, (ch, stride) in enumerate(
+      zip(c.decoder_channels, c.decoder_strides, strict=True)
+    ):
+      out = ch * c.num_channels if i <= c.split_block else ch
+      x = layers.DecoderUnit(out, stride, name=f'decoder_{i}', dtype=dtype)(x)
+      if i == c.split_block:
+        x = _fold_channels(x, c.num_channels)
+    x = _OutputLayer(2, dtype=dtype, name='output_layer')(x)
+    x = _unfold_channels(x, c.num_channels)
+    return x[:, c.lookahead * c.time_stride :].astype(jnp.float32)
+
+
+class SpectroStream(nn.Module):
+  """The codec: waveform <-> embeddings <-> RVQ codes."""
+
+  config: CodecConfig
+
+  def setup(self):
+    self.encoder = Encoder(self.config)
+    self.decoder = Decoder(self.config)
+    self.quantizer = rvq.ResidualVectorQuantizer(self.config.quantizer)
+
+  def _channels(self, wav: jax.Array) -> jax.Array:
+    want = self.config.num_channels
+    if wav.shape[-1] == want:
+      return wav
+    if wav.shape[-1] == 1:
+      return jnp.repeat(wav, want, axis=-1)
+    return jnp.mean(wav, axis=-1, keepdims=True)
+
+  def features(self, wav: jax.Array) -> jax.Array:
+    c = self.config
+    return signal.stft(
+      self._channels(wav.astype(jnp.float32)), c.frame_length, c.hop_length
+    )
+
+  def embed(self, wav: jax.Array) -> jax.Array:
+    """Waveform [B, T, C] -> embeddings [B, N, D]; N = ceil(T / 1920)."""
+    return self.encoder(self.features(wav))
+
+  def quantize(self, emb: jax.Array, num_levels: int | None = None):
+    return self.quantizer.encode(emb, num_levels)
+
+  def dequantize(self, codes: jax.Array) -> jax.Array:
+    return self.quantizer.decode(codes)
+
+  def encode(self, wav: jax.Array, num_levels: int | None = None):
+    return self.quantize(self.embed(wav), num_levels)
+
+  def decode_features(self, emb: jax.Array) -> jax.Array:
+    return self.decoder(emb)
+
+  def decode_embeddings(self, emb: jax.Array) -> jax.Array:
+    """Embeddings [B, N, D] -> waveform [B, (N - lookahead)·1920, C]."""
+    c = self.config
+    return signal.istft(self.decoder(emb), c.frame_length, c.hop_length)
+
+  def decode(self, codes: jax.Array) -> jax.Array:
+    return self.decode_embeddings(self.dequantize(codes))
+
+  def reconstruct(
+    self, wav: jax.Array, num_levels: int | None = None
+  ) -> jax.Array:
+    """Round trip through the codes; also the method to `init` with."""
+    return self.decode(self.encode(wav, num_levels))
+
+  def __call__(
+    self, wav: jax.Array, rng: jax.Array
+  ) -> tuple[jax.Array, jax.Array, rvq.QuantizerOutput]:
+    """Training forward: (reconstruction, embeddings, quantizer output)."""
+    emb = self.embed(wav)
+    q = self.quantizer(emb, rng)
+    return self.decode_embeddings(q.decoder_input), emb, q
+
+
+def production() -> CodecConfig:
+  """48 kHz stereo model of Magenta RT (61,713,666 parameters)."""
+  return CodecConfig()
+
+
+def mono() -> CodecConfig:
+  """Same network for one channel: no fusion concat, no decoder split."""
+  return CodecConfig(num_channels=1)
+
+
+def tiny() -> CodecConfig:
+  """A few thousand parameters with every structural feature, for tests."""
+  return CodecConfig(
+    encoder_base_channels=4,
+    encoder_channels=(8, 8, 8, 8, 8, 16, 16),
+    bottleneck_channels=16,
+    embedding_dim=16,
+    decoder_input_channels=16,
+    decoder_channels=(16, 8, 8, 8, 8, 8, 4),
+    quantizer=rvq.QuantizerConfig(num_levels=8, codebook_size=64, dim=16),
+  )
+
+
+def init_params(
+  config: CodecConfig, rng: jax.Array, num_samples: int | None = None
+) -> dict:
+  """Fresh parameters {'encoder', 'decoder', 'quantizer'} for `config`."""
+  n = num_samples or (config.lookahead + 1) * config.samples_per_frame
+  wav = jnp.zeros((1, n, config.num_channels), jnp.float32)
+  model = SpectroStream(config)
+  return model.init(rng, wav, method=model.reconstruct)['params']
+
+
+def param_shapes(config: CodecConfig) -> dict:
+  """Parameter tree of `config` as ShapeDtypeStructs (no compute)."""
+  return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
+PRESETS = {'production': production, 'mono': mono, 'tiny': tiny}
+
+
+def get_config(name: str) -> CodecConfig:
+  if name not in PRESETS:
+    raise ValueError(f'unknown preset {name!r}; choose from {sorted(PRESETS)}')
+  return PRESETS[name]()

@@ -1,0 +1,277 @@
+"""Residual vector quantizer: inference, training losses and EMA codebooks.
+
+Inference follows SPEC §6: level i picks the nearest code of its own codebook
+to the running residual. Training (SoundStream recipe) runs all levels on the
+unmasked residual chain so every level gets its loss every step, while the
+decoder sees only the first n levels per example (biased level dropout) or
+the continuous embedding (bypass). Codebooks learn by EMA of assignments, are
+initialised by k-means on the first batch and restart dead codes from the
+current batch. All statistics are reductions over global arrays inside `jit`,
+so they are global over devices and hosts by construction.
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizerConfig:
+  """RVQ shape and training behaviour (training fields are SPEC defaults)."""
+
+  num_levels: int = 64
+  codebook_size: int = 1024
+  dim: int = 256
+  commitment_weight: float = 1.0
+  # 'ema' (SoundStream) or 'gradient' (codebook loss, learned by optimizer).
+  codebook_learning: str = 'ema'
+  ema_decay: float = 0.99
+  ema_epsilon: float = 1e-5
+  # A code whose EMA count (assignments per batch) falls below this restarts.
+  dead_code_threshold: float = 1.0
+  kmeans_iters: int = 10
+  bypass_prob: float = 0.5
+  # Levels the decoder may see during training; None derives SPEC's list.
+  dropout_levels: tuple[int, ...] | None = None
+
+  def training_levels(self) -> tuple[int, ...]:
+    if self.dropout_levels is not None:
+      return self.dropout_levels
+    return default_dropout_levels(self.num_levels)
+
+
+def default_dropout_levels(num_levels: int) -> tuple[int, ...]:
+  """SPEC §6 list, generalised: dense to L/4, step 2 to L/2, step 4 to L.
+
+  For 64 levels: 1..16, 18..32 step 2, 36..64 step 4 (half of them <= 16).
+  """
+  q, h = max(num_levels // 4, 1), max(num_levels // 2, 1)
+  levels = list(range(1, q + 1))
+  levels += range(q + 2, h + 1, 2)
+  levels += range(h + 4, num_levels + 1, 4)
+  if levels[-1] != num_levels:
+    levels.append(num_levels)
+  return tuple(levels)
+
+
+def nearest_code(residual: jax.Array, codebook: jax.Array) -> jax.Array:
+  """Index of the nearest code (squared Euclidean) for each row, [..., D]."""
+  # ||r||² is constant per row and does not change the argmin.
+  sq_norms = jnp.sum(codebook * codebook, axis=-1)
+  scores = sq_norms - 2.0 * jnp.einsum(
+    '...d,kd->...k', residual, codebook, precision='highest'
+  )
+  return jnp.argmin(scores, axis=-1).astype(jnp.int32)
+
+
+def encode(codebooks: jax.Array, z: jax.Array, num_levels: int) -> jax.Array:
+  """Codes [..., num_levels] (int32) of embeddings z [..., D]."""
+
+  def level(residual, codebook):
+    code = nearest_code(residual, codebook)
+    return residual - jnp.take(codebook, code, axis=0), code
+
+  _, codes = jax.lax.scan(level, z, codebooks[:num_levels])
+  return jnp.moveaxis(codes, 0, -1)
+
+
+def decode(codebooks: jax.Array, codes: jax.Array) -> jax.Array:
+  """Sum of the selected codes of the first codes.shape[-1] levels."""
+  levels = codes.shape[-1]
+  picked = jax.vmap(
+    lambda cb, c: jnp.take(cb, c, axis=0), in_axes=(0, -1), out_axes=0
+  )(codebooks[:levels], codes)
+  return jnp.sum(picked, axis=0)
+
+
+class ResidualVectorQuantizer(nn.Module):
+  """Holds `quantizer/embedding` [levels, codebook_size, dim]."""
+
+  config: QuantizerConfig
+
+  def setup(self):
+    c = self.config
+    self.embedding = self.param(
+      'embedding',
+      nn.initializers.normal(stddev=1.0),
+      (c.num_levels, c.codebook_size, c.dim),
+      jnp.float32,
+    )
+
+  def encode(self, z: jax.Array, num_levels: int | None = None) -> jax.Array:
+    n = self.config.num_levels if num_levels is None else num_levels
+    return encode(self.embedding, z.astype(jnp.float32), n)
+
+  def decode(self, codes: jax.Array) -> jax.Array:
+    return decode(self.embedding, codes)
+
+  def __call__(self, z: jax.Array, rng: jax.Array) -> 'QuantizerOutput':
+    return quantize_for_training(self.embedding, z, rng, self.config)
+
+
+@flax.struct.dataclass
+class QuantizerOutput:
+  """What one training forward pass of the RVQ produces."""
+
+  decoder_input: jax.Array  # [B, N, D] what the decoder sees
+  codes: jax.Array  # [B, N, L] all levels, unmasked chain
+  num_levels: jax.Array  # [B] levels the decoder saw (0 when bypassed)
+  bypassed: jax.Array  # [B] bool
+  commitment: jax.Array  # [L] per-level ||r - sg(e)||² means
+  codebook_loss: jax.Array  # [L] per-level ||sg(r) - e||² means
+  counts: jax.Array  # [L, K] assignments in this batch
+  sums: jax.Array  # [L, K, D] sum of residuals assigned to each code
+  candidates: jax.Array  # [L, K, D] random residuals, for dead-code restart
+
+
+def sample_training_levels(
+  rng: jax.Array, batch: int, config: QuantizerConfig
+) -> tuple[jax.Array, jax.Array]:
+  """Per example: levels n the decoder sees, and whether RVQ is bypassed."""
+  rng_n, rng_b = jax.random.split(rng)
+  choices = jnp.asarray(config.training_levels(), jnp.int32)
+  n = jax.random.choice(rng_n, choices, (batch,))
+  bypass = jax.random.bernoulli(rng_b, config.bypass_prob, (batch,))
+  return n, bypass
+
+
+def quantize_for_training(
+  codebooks: jax.Array,
+  z: jax.Array,
+  rng: jax.Array,
+  config: QuantizerConfig,
+) -> QuantizerOutput:
+  """Runs all levels on the unmasked chain; see the module docstring."""
+  z = z.astype(jnp.float32)
+  b = z.shape[0]
+  k = codebooks.shape[1]
+  rng_levels, rng_cand = jax.random.split(rng)
+  n, bypass = sample_training_levels(rng_levels, b, config)
+  rows = z.reshape(-1, z.shape[-1]).shape[0]
+  cand_idx = jax.random.randint(rng_cand, (codebooks.shape[0], k), 0, rows)
+
+  def level(carry, xs):
+    residual, acc = carry
+    codebook, index, cand = xs
+    chain = jax.lax.stop_gradient(residual)
+    code = nearest_code(chain, jax.lax.stop_gradient(codebook))
+    chosen = jnp.take(codebook, code, axis=0)
+    commit = jnp.mean(jnp.square(residual - jax.lax.stop_gradient(chosen)))
+    cb_loss = jnp.mean(jnp.square(chain - chosen))
+    keep = (index < n)[:, None, None]
+    acc = acc + jnp.where(keep, jax.lax.stop_gradient(chosen), 0.0)
+    onehot = jax.nn.one_hot(code.reshape(-1), k, dtype=jnp.float32)
+    flat = chain.reshape(-1, chain.shape[-1])
+    stats = (
+      onehot.sum(0),
+      jnp.einsum('mk,md->kd', onehot, flat, precision='highest'),
+      jnp.take(flat, cand, axis=0),
+    )
+    residual = residual - jax.lax.stop_gradient(chosen)
+    return (residual, acc), (code, commit, cb_loss, *stats)
+
+  levels = jnp.arange(codebooks.shape[0])
+  (_, quantized), (codes, commit, cb_loss, counts, sums, cands) = jax.lax.scan(
+    level, (z, jnp.zeros_like(z)), (codebooks, levels, cand_idx)
+  )
+  straight_through = z + jax.lax.stop_gradient(quantized - z)
+  decoder_input = jnp.where(bypass[:, None, None], z, straight_through)
+  return QuantizerOutput(
+    decoder_input=decoder_input,
+    codes=jnp.moveaxis(codes, 0, -1),
+    num_levels=jnp.where(bypass, 0, n),
+    bypassed=bypass,
+    commitment=commit,
+    codebook_loss=cb_loss,
+    counts=counts,
+    sums=sums,
+    candidates=cands,
+  )
+
+
+class CodebookState(flax.struct.PyTreeNode):
+  """EMA statistics of the codebooks (per level, per code)."""
+
+  counts: jax.Array  # [L, K] EMA of assignments per batch
+  sums: jax.Array  # [L, K, D] EMA of assigned residual sums
+  initialized: jax.Array  # [] bool: codebooks were set from data
+
+  @classmethod
+  def create(cls, config: QuantizerConfig) -> 'CodebookState':
+    lk = (config.num_levels, config.codebook_size)
+    return cls(
+      counts=jnp.zeros(lk, jnp.float32),
+      sums=jnp.zeros((*lk, config.dim), jnp.float32),
+      initialized=jnp.zeros((), bool),
+    )
+
+
+def ema_update(
+  codebooks: jax.Array,
+  state: CodebookState,
+  out: QuantizerOutput,
+  config: QuantizerConfig,
+) -> tuple[jax.Array, CodebookState, jax.Array]:
+  """EMA codebook step plus dead-code restart; returns restarts per level."""
+  d = config.ema_decay
+  counts = d * state.counts + (1.0 - d) * out.counts
+  sums = d * state.sums + (1.0 - d) * out.sums
+  total = jnp.sum(counts, axis=-1, keepdims=True)
+  k = counts.shape[-1]
+  eps = config.ema_epsilon
+  smoothed = (counts + eps) / (total + k * eps) * total
+  new = sums / jnp.maximum(smoothed, 1e-12)[..., None]
+  dead = counts < config.dead_code_threshold
+  new = jnp.where(dead[..., None], out.candidates, new)
+  # A restarted code starts with the threshold's worth of evidence.
+  counts = jnp.where(dead, config.dead_code_threshold, counts)
+  sums = jnp.where(dead[..., None], new * counts[..., None], sums)
+  new = jnp.where(state.initialized, new, codebooks)
+  state = CodebookState(counts=counts, sums=sums, initialized=state.initialized)
+  return new, state, jnp.sum(dead, axis=-1)
+
+
+def kmeans_init(
+  z: jax.Array, rng: jax.Array, config: QuantizerConfig
+) -> tuple[jax.Array, CodebookState]:
+  """Codebooks from data: k-means per level on the residual chain."""
+  x = z.reshape(-1, z.shape[-1]).astype(jnp.float32)
+  k = config.codebook_size
+  rngs = jax.random.split(rng, config.num_levels)
+
+  def level(residual, key):
+    start = jax.random.choice(key, residual.shape[0], (k,))
+    centers = residual[start]
+
+    def lloyd(_, c):
+      onehot = jax.nn.one_hot(nearest_code(residual, c), k)
+      cnt = onehot.sum(0)
+      s = jnp.einsum('mk,md->kd', onehot, residual, precision='highest')
+      return jnp.where(cnt[:, None] > 0, s / jnp.maximum(cnt, 1)[:, None], c)
+
+    centers = jax.lax.fori_loop(0, config.kmeans_iters, lloyd, centers)
+    code = nearest_code(residual, centers)
+    onehot = jax.nn.one_hot(code, k)
+    cnt = onehot.sum(0)
+    return residual - centers[code], (centers, cnt)
+
+  _, (codebooks, counts) = jax.lax.scan(level, x, rngs)
+  state = CodebookState(
+    counts=counts,
+    sums=codebooks * counts[..., None],
+    initialized=jnp.ones((), bool),
+  )
+  return codebooks, state
+
+
+def codebook_metrics(counts: jax.Array) -> dict[str, jax.Array]:
+  """Per-level usage (fraction of codes hit) and perplexity of assignments."""
+  p = counts / jnp.maximum(jnp.sum(counts, axis=-1, keepdims=True), 1e-9)
+  entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(p), 0.0), axis=-1)
+  return {
+    'usage': jnp.mean(counts > 0, axis=-1),
+    'perplexity': jnp.exp(entropy),
+  }

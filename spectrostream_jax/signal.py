@@ -1,0 +1,163 @@
+"""STFT, inverse STFT and mel filters of SpectroStream (SPEC §2).
+
+The analysis is causal at frame level: frame t covers samples
+[hop·t, hop·t + frame) and the signal is zero-padded at the end only, so
+analysis followed by synthesis has no time shift. Everything here is pure
+`jnp` and works under `jit` on any backend.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@functools.cache
+def hann_window(length: int) -> np.ndarray:
+  """Periodic Hann window, float64 (cast at use)."""
+  n = np.arange(length)
+  return 0.5 - 0.5 * np.cos(2.0 * np.pi * n / length)
+
+
+@functools.cache
+def synthesis_window(frame_length: int, hop_length: int) -> np.ndarray:
+  """Window w / sum_k w²[n + k·hop] that makes overlap-add invert analysis."""
+  w = hann_window(frame_length)
+  denom = np.zeros(frame_length)
+  for shift in range(-frame_length, frame_length + 1, hop_length):
+    idx = np.arange(frame_length) + shift
+    valid = (idx >= 0) & (idx < frame_length)
+    denom[valid] += w[idx[valid]] ** 2
+  return w / denom
+
+
+def num_frames(num_samples: int, hop_length: int = 480) -> int:
+  return math.ceil(num_samples / hop_length)
+
+
+def _frame(x: jax.Array, frame_length: int, hop_length: int) -> jax.Array:
+  """[..., T] -> [..., ceil(T/hop), frame], zero-padded at the end."""
+  if frame_length % hop_length:
+    raise ValueError('frame_length must be a multiple of hop_length')
+  per = frame_length // hop_length
+  t = x.shape[-1]
+  frames = num_frames(t, hop_length)
+  total = (frames + per - 1) * hop_length
+  x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, total - t)])
+  blocks = x.reshape(*x.shape[:-1], frames + per - 1, hop_length)
+  return jnp.concatenate(
+    [blocks[..., i : i + frames, :] for i in range(per)], axis=-1
+  )
+
+
+def stft(
+  wav: jax.Array, frame_length: int = 960, hop_length: int = 480
+) -> jax.Array:
+  """Waveform [B, T, C] -> features [B, ceil(T/hop), frame/2, 2C].
+
+  Channels are interleaved [re_0, im_0, re_1, im_1, ...]; the Nyquist bin is
+  dropped, DC is kept.
+  """
+  x = jnp.moveaxis(wav, -1, 1)  # [B, C, T]
+  frames = _frame(x, frame_length, hop_length)
+  window = jnp.asarray(hann_window(frame_length), wav.dtype)
+  spec = jnp.fft.rfft(frames * window, axis=-1)[..., : frame_length // 2]
+  feat = jnp.stack([spec.real, spec.imag], axis=-1)  # [B, C, F, K, 2]
+  b, c, f, k, _ = feat.shape
+  feat = jnp.transpose(feat, (0, 2, 3, 1, 4)).reshape(b, f, k, 2 * c)
+  return feat.astype(wav.dtype)
+
+
+def istft(
+  features: jax.Array, frame_length: int = 960, hop_length: int = 480
+) -> jax.Array:
+  """Features [B, F, frame/2, 2C] -> waveform [B, F·hop, C] (SPEC §2)."""
+  b, f, k, c2 = features.shape
+  c = c2 // 2
+  feat = features.reshape(b, f, k, c, 2)
+  spec = jax.lax.complex(feat[..., 0], feat[..., 1])  # [B, F, K, C]
+  spec = jnp.pad(spec, ((0, 0), (0, 0), (0, 1), (0, 0)))  # zero Nyquist bin
+  frames = jnp.fft.irfft(spec, n=frame_length, axis=2)  # [B, F, frame, C]
+  window = synthesis_window(frame_length, hop_length)
+  frames = frames * jnp.asarray(window, features.dtype)[:, None]
+  per = frame_length // hop_length
+  parts = frames.reshape(b, f, per, hop_length, c)
+  # Output block j sums part i of frame j - i.
+  out = parts[:, :, 0]
+  for i in range(1, per):
+    shifted = jnp.pad(parts[:, :, i], ((0, 0), (i, 0), (0, 0), (0, 0)))
+    out = out + shifted[:, :f]
+  return out.reshape(b, f * hop_length, c).astype(features.dtype)
+
+
+def hz_to_mel(hz):
+  """Slaney mel scale (linear below 1 kHz, logarithmic above)."""
+  hz = np.asarray(hz, np.float64)
+  f_sp = 200.0 / 3
+  min_log_hz = 1000.0
+  logstep = np.log(6.4) / 27.0
+  mel = hz / f_sp
+  log_part = min_log_hz / f_sp + np.log(np.maximum(hz, 1e-10) / min_log_hz) / (
+    logstep
+  )
+  return np.where(hz >= min_log_hz, log_part, mel)
+
+
+def mel_to_hz(mel):
+  mel = np.asarray(mel, np.float64)
+  f_sp = 200.0 / 3
+  min_log_mel = 1000.0 / f_sp
+  logstep = np.log(6.4) / 27.0
+  return np.where(
+    mel >= min_log_mel,
+    1000.0 * np.exp(logstep * (mel - min_log_mel)),
+    f_sp * mel,
+  )
+
+
+@functools.cache
+def mel_filterbank(
+  num_mels: int,
+  fft_length: int,
+  sample_rate: int,
+  fmin: float = 0.0,
+  fmax: float | None = None,
+) -> np.ndarray:
+  """Slaney-normalised triangular filters, [fft_length // 2 + 1, num_mels]."""
+  fmax = sample_rate / 2 if fmax is None else fmax
+  fft_hz = np.linspace(0.0, sample_rate / 2, fft_length // 2 + 1)
+  mel_hz = mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(fmax), num_mels + 2))
+  lower = (fft_hz[:, None] - mel_hz[None, :-2]) / np.diff(mel_hz)[None, :-1]
+  upper = (mel_hz[None, 2:] - fft_hz[:, None]) / np.diff(mel_hz)[None, 1:]
+  weights = np.maximum(0.0, np.minimum(lower, upper))
+  weights *= (2.0 / (mel_hz[2:] - mel_hz[:-2]))[None, :]
+  return weights.astype(np.float32)
+
+
+def magnitude_spectrogram(
+  wav: jax.Array, window: int, hop: int, power: float = 1.0
+) -> jax.Array:
+  """|STFT| of [B, T, C] with a centred periodic Hann window: [B, C, F, K]."""
+  x = jnp.moveaxis(wav, -1, 1)
+  pad = window // 2
+  x = jnp.pad(x, ((0, 0), (0, 0), (pad, pad)), mode='reflect')
+  n = 1 + (x.shape[-1] - window) // hop
+  frames = _frame(x, window, hop)[..., :n, :]
+  frames = frames * jnp.asarray(hann_window(window), wav.dtype)
+  mag = jnp.abs(jnp.fft.rfft(frames, axis=-1))
+  return mag if power == 1.0 else mag**power
+
+
+def mel_spectrogram(
+  wav: jax.Array,
+  sample_rate: int,
+  window: int,
+  hop: int,
+  num_mels: int = 64,
+) -> jax.Array:
+  """Magnitude mel spectrogram [B, C, frames, num_mels] for losses/metrics."""
+  mag = magnitude_spectrogram(wav, window, hop)
+  fb = jnp.asarray(mel_filterbank(num_mels, window, sample_rate), wav.dtype)
+  return mag @ fb
