@@ -106,7 +106,9 @@ class Codec:
   def _check_wav(self, wav) -> np.ndarray:
     wav = _as_array(wav, 'wav')
     if wav.ndim != 3:
-      raise ValueError(f'wav must be [batch, samples, channels], got {wav.shape}')
+      raise ValueError(
+        f'wav must be [batch, samples, channels], got {wav.shape}'
+      )
     if wav.dtype != np.float32:
       raise ValueError(f'wav must be float32, got {wav.dtype}')
     if wav.shape[-1] not in (1, 2):
@@ -126,7 +128,9 @@ class Codec:
   def _check_codes(self, codes) -> np.ndarray:
     codes = _as_array(codes, 'codes')
     if codes.ndim != 3:
-      raise ValueError(f'codes must be [batch, frames, levels], got {codes.shape}')
+      raise ValueError(
+        f'codes must be [batch, frames, levels], got {codes.shape}'
+      )
     if not np.issubdtype(codes.dtype, np.integer):
       raise ValueError(f'codes must be integers, got {codes.dtype}')
     if 0 in codes.shape:

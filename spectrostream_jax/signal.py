@@ -128,7 +128,9 @@ def mel_filterbank(
   """Slaney-normalised triangular filters, [fft_length // 2 + 1, num_mels]."""
   fmax = sample_rate / 2 if fmax is None else fmax
   fft_hz = np.linspace(0.0, sample_rate / 2, fft_length // 2 + 1)
-  mel_hz = mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(fmax), num_mels + 2))
+  mel_hz = mel_to_hz(
+    np.linspace(hz_to_mel(fmin), hz_to_mel(fmax), num_mels + 2)
+  )
   lower = (fft_hz[:, None] - mel_hz[None, :-2]) / np.diff(mel_hz)[None, :-1]
   upper = (mel_hz[None, 2:] - fft_hz[:, None]) / np.diff(mel_hz)[None, 1:]
   weights = np.maximum(0.0, np.minimum(lower, upper))

@@ -18,12 +18,16 @@ ENCODER_FILE = 'encoder.safetensors'
 SOUNDSTREAM_FILE = 'soundstream.safetensors'
 
 
+def flat_paths(tree: Mapping) -> dict:
+  """{'encoder': {...}} -> {'encoder/base_conv_first/conv/kernel': leaf}."""
+  return {
+    '/'.join(str(k.key) for k in path): leaf
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
+
+
 def flatten(params: Mapping) -> dict[str, np.ndarray]:
-  """{'encoder': {...}} -> {'encoder/base_conv_first/conv/kernel': array}."""
-  flat = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    flat['/'.join(str(k.key) for k in path)] = np.asarray(leaf)
-  return flat
+  return {k: np.asarray(v) for k, v in flat_paths(params).items()}
 
 
 def unflatten(flat: Mapping[str, np.ndarray]) -> dict:
@@ -68,10 +72,7 @@ def load_official(
     ENCODER_FILE: _read(encoder_path),
     SOUNDSTREAM_FILE: _read(soundstream_path),
   }
-  want = {
-    '/'.join(str(k.key) for k in path): leaf
-    for path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]
-  }
+  want = flat_paths(expected)
   flat, used = {}, set()
   for model_path, spec in want.items():
     fname, key = official_key(model_path)

@@ -24,7 +24,9 @@ def require_shared() -> pathlib.Path:
   if not (SHARED / 'vectors').is_dir():
     if os.environ.get('CI'):
       pytest.fail(f'{SHARED} is missing in CI: the parity tests must run')
-    pytest.skip(f'reference data not found at {SHARED} (set SPECTROSTREAM_SHARED)')
+    pytest.skip(
+      f'reference data not found at {SHARED} (set SPECTROSTREAM_SHARED)'
+    )
   return SHARED
 
 

@@ -9,6 +9,7 @@ ablations are a config change away.
 """
 
 import dataclasses
+import functools
 import math
 
 import flax.linen as nn
@@ -175,9 +176,15 @@ class ResidualMLP(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    linear = layers.Dense1x1(self.features, name=self.linear_name, dtype=self.dtype)
+    linear = layers.Dense1x1(
+      self.features, name=self.linear_name, dtype=self.dtype
+    )
     return linear(x) + _MLPBranch(
-      self.features, self.hidden, self.elu_first, self.dtype, name='shortcut_layer'
+      self.features,
+      self.hidden,
+      self.elu_first,
+      self.dtype,
+      name='shortcut_layer',
     )(x)
 
 
@@ -193,7 +200,9 @@ class _MLPBranch(nn.Module):
       x = nn.elu(x)
     x = layers.Dense1x1(self.hidden, name='conv1x1_b1', dtype=self.dtype)(x)
     x = nn.elu(x)
-    return layers.Dense1x1(self.features, name='conv1x1_b2', dtype=self.dtype)(x)
+    return layers.Dense1x1(self.features, name='conv1x1_b2', dtype=self.dtype)(
+      x
+    )
 
 
 class Encoder(nn.Module):
@@ -369,19 +378,42 @@ def tiny() -> CodecConfig:
   )
 
 
-def init_params(
-  config: CodecConfig, rng: jax.Array, num_samples: int | None = None
-) -> dict:
-  """Fresh parameters {'encoder', 'decoder', 'quantizer'} for `config`."""
-  n = num_samples or (config.lookahead + 1) * config.samples_per_frame
-  wav = jnp.zeros((1, n, config.num_channels), jnp.float32)
-  model = SpectroStream(config)
-  return model.init(rng, wav, method=model.reconstruct)['params']
-
-
 def param_shapes(config: CodecConfig) -> dict:
   """Parameter tree of `config` as ShapeDtypeStructs (no compute)."""
-  return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+  wav = jnp.zeros(
+    (1, (config.lookahead + 1) * config.samples_per_frame, config.num_channels)
+  )
+  model = SpectroStream(config)
+  return jax.eval_shape(
+    lambda r: model.init(r, wav, method=model.reconstruct), jax.random.key(0)
+  )['params']
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def init_params(config: CodecConfig, rng: jax.Array) -> dict:
+  """Fresh parameters {'encoder', 'decoder', 'quantizer'} for `config`.
+
+  Kernels are N(0, 1/fan_in), biases zero, codebooks N(0, 1) (they are
+  re-initialised from data by k-means when training starts). All noise
+  comes from one draw: per-parameter threefry calls make XLA's compile of
+  `init` take tens of seconds on CPU. Jittable, so the trainer can create
+  parameters directly with their shardings.
+  """
+  shapes = param_shapes(config)
+  paths, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+  sizes = [math.prod(leaf.shape) for _, leaf in paths]
+  noise = jax.random.normal(rng, (sum(sizes),), jnp.float32)
+  leaves, offset = [], 0
+  for (path, leaf), size in zip(paths, sizes, strict=True):
+    name = path[-1].key
+    chunk = noise[offset : offset + size].reshape(leaf.shape)
+    offset += size
+    if name == 'kernel':
+      chunk = chunk / math.sqrt(math.prod(leaf.shape[:-1]))
+    elif name == 'bias':
+      chunk = jnp.zeros_like(chunk)
+    leaves.append(chunk)
+  return jax.tree.unflatten(treedef, leaves)
 
 
 PRESETS = {'production': production, 'mono': mono, 'tiny': tiny}

@@ -68,7 +68,9 @@ class CausalConv2D(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     kt, kf = self.kernel_size
     st, sf = self.strides
-    kernel, bias = ConvParams((kt, kf, x.shape[-1], self.features), name='conv')()
+    kernel, bias = ConvParams(
+      (kt, kf, x.shape[-1], self.features), name='conv'
+    )()
     x = _pad_time_to_multiple(x, st)
     y = jax.lax.conv_general_dilated(
       x.astype(self.dtype),
@@ -191,9 +193,9 @@ class EncoderUnit(nn.Module):
     )(nn.elu(y))
     shortcut = avg_pool(x.astype(self.dtype), self.strides)
     if cin != self.features:
-      shortcut = ShortcutProjection(self.features, name='shortcut_layer', **conv)(
-        shortcut
-      )
+      shortcut = ShortcutProjection(
+        self.features, name='shortcut_layer', **conv
+      )(shortcut)
     return y + shortcut
 
 
@@ -226,9 +228,9 @@ class DecoderUnit(nn.Module):
     )
     shortcut = x.astype(self.dtype)
     if x.shape[-1] != self.features:
-      shortcut = ShortcutProjection(self.features, name='shortcut_layer', **conv)(
-        shortcut
-      )
+      shortcut = ShortcutProjection(
+        self.features, name='shortcut_layer', **conv
+      )(shortcut)
     return y + upsample_nearest(shortcut, self.strides)
 
 
@@ -247,7 +249,7 @@ class ShortcutProjection(nn.Module):
 
 
 class Dense1x1(nn.Module):
-  """A 1×1 conv (kernel [1, 1, in, out]) applied as a matmul on the last axis."""
+  """A 1×1 conv (kernel [1, 1, in, out]) as a matmul on the last axis."""
 
   features: int
   dtype: jnp.dtype = jnp.float32

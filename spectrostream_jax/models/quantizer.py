@@ -210,7 +210,6 @@ class CodebookState(flax.struct.PyTreeNode):
 
 
 def ema_update(
-  codebooks: jax.Array,
   state: CodebookState,
   out: QuantizerOutput,
   config: QuantizerConfig,
@@ -229,9 +228,28 @@ def ema_update(
   # A restarted code starts with the threshold's worth of evidence.
   counts = jnp.where(dead, config.dead_code_threshold, counts)
   sums = jnp.where(dead[..., None], new * counts[..., None], sums)
-  new = jnp.where(state.initialized, new, codebooks)
   state = CodebookState(counts=counts, sums=sums, initialized=state.initialized)
-  return new, state, jnp.sum(dead, axis=-1)
+  return new, state, jnp.sum(dead, axis=-1).astype(jnp.int32)
+
+
+def update_codebooks(
+  state: CodebookState,
+  out: QuantizerOutput,
+  z: jax.Array,
+  rng: jax.Array,
+  config: QuantizerConfig,
+) -> tuple[jax.Array, CodebookState, jax.Array]:
+  """The train step's codebook update: k-means on first use, then EMA."""
+
+  def from_data():
+    cb, st = kmeans_init(z, rng, config)
+    return cb, st, jnp.zeros((config.num_levels,), jnp.int32)
+
+  return jax.lax.cond(
+    state.initialized,
+    lambda: ema_update(state, out, config),
+    from_data,
+  )
 
 
 def kmeans_init(

@@ -1,0 +1,212 @@
+"""Where training audio comes from: files, TFDS ArrayRecord, or generated.
+
+A source config (frozen, hashable, gin-bindable) names the data; `open`
+turns it into a reader. A reader is a random-access collection of items
+(`len(reader)`) whose `read(item, rng)` returns a `transforms.Chunk` with
+a random crop position, or raises `transforms.CropError`. Readers are plain
+picklable objects holding numpy arrays and paths, so grain can ship them
+to its worker processes; nothing here keeps a file open between reads.
+
+Items of a file source are segments: a file of F frames contributes
+max(1, F // crop) items, so sampling items uniformly samples audio time
+uniformly and one epoch covers every file about once, long or short.
+"""
+
+import dataclasses
+import math
+import os
+
+import numpy as np
+import soundfile as sf
+import tensorflow_datasets as tfds
+
+from spectrostream_jax.data import index as index_lib
+from spectrostream_jax.data import synthetic
+from spectrostream_jax.data import transforms
+
+
+@dataclasses.dataclass(frozen=True)
+class FileSource:
+  """Audio files: a directory tree, a glob, or a JSONL/CSV manifest."""
+
+  path: str
+  weight: float = 1.0
+  # 'train' or 'eval': the manifest's split column, or a split by track;
+  # None uses every file.
+  split: str | None = None
+  eval_fraction: float = 0.05
+  # Where the file index is cached (default: ~/.cache/spectrostream_jax).
+  cache_dir: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsSource:
+  """A TFDS dataset in ArrayRecord format, read without TensorFlow."""
+
+  name: str
+  data_dir: str | None = None
+  split: str = 'train'
+  weight: float = 1.0
+  # Feature holding the audio tensor, [T] or [T, C] of int or float.
+  audio_key: str = 'audio'
+  # None: the dataset metadata's 'sample_rate' (datasets we build have it).
+  sample_rate: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticSource:
+  """Procedural stereo music (see synthetic.py): for smoke runs and demos."""
+
+  weight: float = 1.0
+  # Clips per epoch; every index is a different clip.
+  size: int = 1 << 20
+
+
+Source = FileSource | TfdsSource | SyntheticSource
+
+
+def _start(
+  total: int, need: int, item_start: int, span: int, rng: np.random.Generator
+) -> int:
+  """A random start in [item_start, item_start + span), kept in the file."""
+  return min(item_start + int(rng.integers(0, max(span, 1))), total - need)
+
+
+class FileReader:
+  """Reads random crops of indexed files, touching only the frames needed."""
+
+  def __init__(
+    self,
+    files: tuple[index_lib.AudioFile, ...],
+    config: transforms.AudioConfig,
+  ):
+    self.paths = [f.path for f in files]
+    self.frames = np.array([f.frames for f in files], np.int64)
+    self.rates = np.array([f.sample_rate for f in files], np.int64)
+    self.need = np.array(
+      [config.source_frames(int(r)) for r in self.rates], np.int64
+    )
+    counts = np.maximum(self.frames // self.need, 1)
+    self.offsets = np.concatenate([[0], np.cumsum(counts)])
+    self.config = config
+
+  def __len__(self) -> int:
+    return int(self.offsets[-1])
+
+  def read(self, item: int, rng: np.random.Generator) -> transforms.Chunk:
+    i = int(np.searchsorted(self.offsets, item, side='right')) - 1
+    path, total, rate = self.paths[i], int(self.frames[i]), int(self.rates[i])
+    need = int(self.need[i])
+    start = _start(total, need, (item - int(self.offsets[i])) * need, need, rng)
+    lo, hi, lead = transforms.crop_window(total, start, self.config, rate)
+    if not os.path.exists(path):
+      raise transforms.CropError('missing', path)
+    try:
+      with sf.SoundFile(path) as f:
+        f.seek(lo)
+        audio = f.read(hi - lo, dtype='float32', always_2d=True)
+    except (RuntimeError, OSError, ValueError) as e:
+      raise transforms.CropError('unreadable', f'{path}: {e}') from None
+    return transforms.Chunk(audio, rate, lead)
+
+
+class TfdsReader:
+  """Reads random crops of the records of a TFDS ArrayRecord split."""
+
+  def __init__(self, source: TfdsSource, config: transforms.AudioConfig):
+    try:
+      self.records = tfds.data_source(
+        source.name, split=source.split, data_dir=source.data_dir
+      )
+    except Exception as e:  # tfds raises many types; all mean "cannot open".
+      raise index_lib.DataError(
+        f'cannot open TFDS dataset {source.name!r} split {source.split!r} '
+        f'in {source.data_dir}: {str(e).splitlines()[0]}'
+      ) from None
+    features = self.records.dataset_info.features
+    if source.audio_key not in features:
+      raise index_lib.DataError(
+        f'{source.name} has no feature {source.audio_key!r}; '
+        f'it has {sorted(features)}'
+      )
+    metadata = self.records.dataset_info.metadata or {}
+    rate = source.sample_rate or metadata.get('sample_rate')
+    if not rate:
+      raise index_lib.DataError(
+        f'{source.name}: no sample_rate in its metadata; set '
+        'TfdsSource.sample_rate'
+      )
+    if len(self.records) == 0:
+      raise index_lib.DataError(f'{source.name} split {source.split} is empty')
+    self.rate = int(rate)
+    self.key = source.audio_key
+    self.config = config
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def read(self, item: int, rng: np.random.Generator) -> transforms.Chunk:
+    audio = np.asarray(self.records[item][self.key])
+    if np.issubdtype(audio.dtype, np.integer):
+      scale = float(2 ** (8 * audio.dtype.itemsize - 1))
+      audio = audio.astype(np.float32) / scale
+    audio = audio.reshape(audio.shape[0], -1)
+    total, need = audio.shape[0], self.config.source_frames(self.rate)
+    if total < need:
+      raise transforms.CropError('too_short', f'record {item}: {total} frames')
+    start = _start(total, need, 0, total - need + 1, rng)
+    lo, hi, lead = transforms.crop_window(total, start, self.config, self.rate)
+    return transforms.Chunk(audio[lo:hi], self.rate, lead)
+
+
+class SyntheticReader:
+  """Renders a fresh procedural clip for every item."""
+
+  def __init__(self, source: SyntheticSource, config: transforms.AudioConfig):
+    self.size = source.size
+    self.config = config
+
+  def __len__(self) -> int:
+    return self.size
+
+  def read(self, item: int, rng: np.random.Generator) -> transforms.Chunk:
+    del item  # The generator is already seeded by the item's index.
+    audio = synthetic.render(
+      rng, self.config.crop_samples, self.config.sample_rate
+    )
+    return transforms.Chunk(audio, self.config.sample_rate, 0)
+
+
+def open_files(
+  source: FileSource, config: transforms.AudioConfig
+) -> tuple[FileReader, index_lib.Index]:
+  """Reader of a file source and the index it was built from."""
+  index = index_lib.select(
+    index_lib.scan(source.path, source.cache_dir),
+    min_frames=config.source_frames,
+    min_sample_rate=config.min_sample_rate,
+    split=source.split,
+    eval_fraction=source.eval_fraction,
+  )
+  index.log_skipped()
+  if not index.files:
+    reasons = index.summary(max_listed=0)['skipped_by_reason']
+    split = f' in split {source.split!r}' if source.split else ''
+    raise index_lib.DataError(
+      f'{source.path}: no usable audio{split} ({len(index.skipped)} files '
+      f'skipped: {reasons})'
+    )
+  return FileReader(index.files, config), index
+
+
+def open_source(source: Source, config: transforms.AudioConfig):
+  """The reader of any source; raises DataError when it cannot be used."""
+  if not source.weight > 0 or not math.isfinite(source.weight):
+    raise index_lib.DataError(f'source weight must be > 0: {source}')
+  if isinstance(source, FileSource):
+    return open_files(source, config)[0]
+  if isinstance(source, TfdsSource):
+    return TfdsReader(source, config)
+  if isinstance(source, SyntheticSource):
+    return SyntheticReader(source, config)
+  raise TypeError(f'not a data source: {source!r}')
