@@ -252,17 +252,34 @@ def update_codebooks(
   )
 
 
+def _kmeans_plus_plus(x: jax.Array, k: int, key: jax.Array) -> jax.Array:
+  """k-means++ seeding: each new centre drawn with probability ∝ d²."""
+  first_key, key = jax.random.split(key)
+  first = x[jax.random.randint(first_key, (), 0, x.shape[0])]
+  centers = jnp.zeros((k, x.shape[-1]), x.dtype).at[0].set(first)
+  d2 = jnp.sum(jnp.square(x - first), axis=-1)
+
+  def pick(i, carry):
+    centers, d2 = carry
+    logits = jnp.log(jnp.maximum(d2, 1e-30))
+    c = x[jax.random.categorical(jax.random.fold_in(key, i), logits)]
+    d2 = jnp.minimum(d2, jnp.sum(jnp.square(x - c), axis=-1))
+    return centers.at[i].set(c), d2
+
+  centers, _ = jax.lax.fori_loop(1, k, pick, (centers, d2))
+  return centers
+
+
 def kmeans_init(
   z: jax.Array, rng: jax.Array, config: QuantizerConfig
 ) -> tuple[jax.Array, CodebookState]:
-  """Codebooks from data: k-means per level on the residual chain."""
+  """Codebooks from data: k-means++ and Lloyd per level on the residuals."""
   x = z.reshape(-1, z.shape[-1]).astype(jnp.float32)
   k = config.codebook_size
   rngs = jax.random.split(rng, config.num_levels)
 
   def level(residual, key):
-    start = jax.random.choice(key, residual.shape[0], (k,))
-    centers = residual[start]
+    centers = _kmeans_plus_plus(residual, k, key)
 
     def lloyd(_, c):
       onehot = jax.nn.one_hot(nearest_code(residual, c), k)
@@ -272,8 +289,7 @@ def kmeans_init(
 
     centers = jax.lax.fori_loop(0, config.kmeans_iters, lloyd, centers)
     code = nearest_code(residual, centers)
-    onehot = jax.nn.one_hot(code, k)
-    cnt = onehot.sum(0)
+    cnt = jax.nn.one_hot(code, k).sum(0)
     return residual - centers[code], (centers, cnt)
 
   _, (codebooks, counts) = jax.lax.scan(level, x, rngs)

@@ -1,0 +1,128 @@
+"""The public `Codec` API: shapes, dtypes, loading and input validation."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from spectrostream_jax import Codec
+from spectrostream_jax import weights
+from spectrostream_jax.models import codec as codec_lib
+
+
+@pytest.fixture(scope='module')
+def codec():
+  return Codec.random(codec_lib.tiny(), seed=0)
+
+
+def clip(b=1, t=1920 * 4 + 100, c=2, seed=0):
+  x = np.random.default_rng(seed).uniform(-0.5, 0.5, (b, t, c))
+  return x.astype(np.float32)
+
+
+def test_shapes_and_dtypes(codec):
+  x = clip(b=2)
+  emb = codec.embed(x)
+  assert emb.shape == (2, 5, 16) and emb.dtype == np.float32
+  codes = codec.encode(x, num_levels=3)
+  assert codes.shape == (2, 5, 3) and codes.dtype == np.int32
+  out = codec.decode(codes)
+  assert out.shape == (2, 4 * 1920, 2) and out.dtype == np.float32
+  assert isinstance(out, np.ndarray)
+  # Full-depth default and JAX input give the same codes as numpy input.
+  assert codec.encode(x).shape[-1] == codec.num_levels
+  np.testing.assert_array_equal(codec.encode(jnp.asarray(x), 3), codes)
+  # Encoding is a pure function of the input: prefix levels are stable.
+  np.testing.assert_array_equal(codec.encode(x, 5)[..., :3], codes)
+
+
+def test_decode_uses_the_given_levels(codec):
+  codes = codec.encode(clip(), num_levels=8)
+  a, b = codec.decode(codes[..., :2]), codec.decode(codes)
+  assert not np.allclose(a, b)
+
+
+def test_mono_input_is_duplicated(codec):
+  x = clip(c=1)
+  np.testing.assert_array_equal(
+    codec.encode(x), codec.encode(np.repeat(x, 2, axis=-1))
+  )
+
+
+def test_kbps_helpers():
+  c = Codec.__new__(Codec)
+  c.config = codec_lib.production()
+  assert c.kbps_to_levels(16) == 64 and c.kbps_to_levels(4) == 16
+  assert c.levels_to_kbps(24) == 6.0
+  with pytest.raises(ValueError):
+    c.kbps_to_levels(17)
+
+
+@pytest.mark.parametrize(
+  'bad,match',
+  [
+    (np.zeros((4800, 2), np.float32), 'batch, samples, channels'),
+    (np.zeros((1, 4800, 2), np.float64), 'float32'),
+    (np.zeros((1, 4800, 2), np.int16), 'float32'),
+    (np.zeros((1, 4800, 3), np.float32), '1 or 2 channels'),
+    (np.zeros((1, 0, 2), np.float32), 'empty'),
+    (np.full((1, 4800, 2), np.nan, np.float32), 'NaN'),
+    (np.full((1, 4800, 2), np.inf, np.float32), 'NaN or Inf'),
+    ('not audio', 'batch, samples, channels'),
+  ],
+)
+def test_bad_wav(codec, bad, match):
+  with pytest.raises(ValueError, match=match):
+    codec.encode(bad)
+  with pytest.raises(ValueError, match=match):
+    codec.embed(bad)
+
+
+@pytest.mark.parametrize(
+  'bad,match',
+  [
+    (np.zeros((2, 3), np.int32), 'batch, frames, levels'),
+    (np.zeros((1, 3, 2), np.float32), 'integers'),
+    (np.full((1, 3, 2), 64, np.int32), r'\[0, 64\)'),
+    (np.full((1, 3, 2), -1, np.int32), r'\[0, 64\)'),
+    (np.zeros((1, 3, 9), np.int32), 'num_levels'),
+    (np.zeros((1, 0, 2), np.int32), 'empty'),
+  ],
+)
+def test_bad_codes(codec, bad, match):
+  with pytest.raises(ValueError, match=match):
+    codec.decode(bad)
+
+
+@pytest.mark.parametrize('levels', [0, 9, 2.5, '3'])
+def test_bad_num_levels(codec, levels):
+  with pytest.raises(ValueError, match='num_levels'):
+    codec.encode(clip(), num_levels=levels)
+
+
+def test_save_and_load_official_layout(codec, tmp_path):
+  enc, snd = sorted(weights.save_official(codec.params, str(tmp_path)))
+  assert enc.endswith('encoder.safetensors')
+  keys = safetensors.numpy.load_file(snd).keys()
+  assert 'params/soundstream/quantizer/embedding' in keys
+  loaded = Codec.from_safetensors(enc, snd, codec.config)
+  x = clip()
+  np.testing.assert_array_equal(loaded.encode(x), codec.encode(x))
+
+
+def test_loader_errors(codec, tmp_path):
+  enc, snd = sorted(weights.save_official(codec.params, str(tmp_path)))
+  with pytest.raises(ValueError, match='no such weights file'):
+    Codec.from_safetensors(str(tmp_path / 'nope'), snd, codec.config)
+  junk = tmp_path / 'junk.safetensors'
+  junk.write_bytes(b'this is not a safetensors file')
+  with pytest.raises(ValueError, match='not a readable safetensors'):
+    Codec.from_safetensors(enc, str(junk), codec.config)
+  with pytest.raises(ValueError, match='wrong preset'):
+    Codec.from_safetensors(enc, snd, codec_lib.production())
+  tensors = safetensors.numpy.load_file(enc)
+  tensors.pop('params/encoder/base_conv_first/conv/bias')
+  partial = tmp_path / 'partial.safetensors'
+  safetensors.numpy.save_file(tensors, str(partial))
+  with pytest.raises(ValueError, match='lacks params/encoder/base_conv_first'):
+    Codec.from_safetensors(str(partial), snd, codec.config)

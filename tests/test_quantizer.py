@@ -1,0 +1,225 @@
+"""RVQ inference and training behaviour (SPEC §6)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import numpy as np
+import pytest
+
+from spectrostream_jax.models import quantizer as rvq
+
+CFG = rvq.QuantizerConfig(num_levels=4, codebook_size=16, dim=8)
+
+
+def brute_force_codes(codebooks, z):
+  r = z.astype(np.float64).copy()
+  codes = []
+  for cb in codebooks.astype(np.float64):
+    d = ((r[..., None, :] - cb) ** 2).sum(-1)
+    k = d.argmin(-1)
+    codes.append(k)
+    r -= cb[k]
+  return np.stack(codes, -1)
+
+
+def test_encode_decode_match_brute_force():
+  rng = np.random.default_rng(0)
+  cb = rng.standard_normal((4, 16, 8)).astype(np.float32)
+  z = rng.standard_normal((3, 5, 8)).astype(np.float32)
+  codes = np.asarray(rvq.encode(cb, z, 4))
+  np.testing.assert_array_equal(codes, brute_force_codes(cb, z))
+  q = np.asarray(rvq.decode(cb, codes[..., :2]))
+  np.testing.assert_allclose(q, cb[0][codes[..., 0]] + cb[1][codes[..., 1]])
+
+
+def test_default_dropout_levels_are_the_spec_list():
+  want = list(range(1, 17)) + list(range(18, 33, 2)) + list(range(36, 65, 4))
+  assert list(rvq.default_dropout_levels(64)) == want
+
+
+def test_dropout_distribution_and_bypass_rate():
+  cfg = rvq.QuantizerConfig()
+  n, bypass = jax.jit(lambda k: rvq.sample_training_levels(k, 200_000, cfg))(
+    jax.random.key(0)
+  )
+  n, bypass = np.asarray(n), np.asarray(bypass)
+  p16 = float(np.mean(n <= 16))
+  print(f'P(n <= 16) = {p16:.4f}, bypass rate = {bypass.mean():.4f}')
+  assert abs(p16 - 0.5) < 0.01
+  assert abs(bypass.mean() - 0.5) < 0.01
+  assert set(np.unique(n)) == set(cfg.training_levels())
+  # Uniform over the 32 allowed values: each about 1/32.
+  freq = np.bincount(n, minlength=65)[list(cfg.training_levels())] / n.size
+  assert np.all(np.abs(freq - 1 / 32) < 0.004)
+  # Independence of the two draws.
+  assert abs(np.mean(bypass[n <= 16]) - 0.5) < 0.01
+
+
+def test_training_forward_semantics():
+  rng = np.random.default_rng(1)
+  cb = jnp.asarray(rng.standard_normal((4, 16, 8)), jnp.float32)
+  z = jnp.asarray(rng.standard_normal((64, 3, 8)), jnp.float32)
+  out = rvq.quantize_for_training(cb, z, jax.random.key(3), CFG)
+  codes = np.asarray(out.codes)
+  want = brute_force_codes(np.asarray(cb), np.asarray(z))
+  np.testing.assert_array_equal(codes, want)
+  n = np.asarray(out.num_levels)
+  bypassed = np.asarray(out.bypassed)
+  assert 0 < bypassed.sum() < 64
+  for b in range(64):
+    if bypassed[b]:
+      np.testing.assert_array_equal(out.decoder_input[b], z[b])
+      assert n[b] == 0
+    else:
+      want = rvq.decode(cb, codes[b : b + 1, :, : n[b]])[0]
+      np.testing.assert_allclose(out.decoder_input[b], want, atol=1e-5)
+  # Every level's statistics cover every vector (the unmasked chain).
+  np.testing.assert_array_equal(np.asarray(out.counts).sum(-1), 64 * 3)
+  # Commitment at level 0 is the mean squared distance to the chosen code.
+  e0 = np.asarray(cb)[0][codes[..., 0]]
+  np.testing.assert_allclose(out.commitment[0], np.mean((z - e0) ** 2), 1e-5)
+
+
+def test_straight_through_and_commitment_gradients():
+  rng = np.random.default_rng(2)
+  cb = jnp.asarray(rng.standard_normal((4, 16, 8)), jnp.float32)
+  z = jnp.asarray(rng.standard_normal((8, 2, 8)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal(z.shape), jnp.float32)
+
+  def through_decoder(z):
+    return jnp.sum(
+      rvq.quantize_for_training(cb, z, jax.random.key(0), CFG).decoder_input * w
+    )
+
+  # The decoder input passes gradients to z unchanged.
+  np.testing.assert_allclose(jax.grad(through_decoder)(z), w, atol=1e-6)
+
+  def commit(cb, z):
+    return jnp.sum(
+      rvq.quantize_for_training(cb, z, jax.random.key(0), CFG).commitment
+    )
+
+  g_cb, g_z = jax.grad(commit, argnums=(0, 1))(cb, z)
+  assert float(jnp.abs(g_cb).max()) == 0.0
+  assert float(jnp.abs(g_z).max()) > 0.0
+
+  def codebook_loss(cb):
+    return jnp.sum(
+      rvq.quantize_for_training(cb, z, jax.random.key(0), CFG).codebook_loss
+    )
+
+  assert float(jnp.abs(jax.grad(codebook_loss)(cb)).max()) > 0.0
+
+
+def clustered_data(rng, centers, n, noise=0.05):
+  idx = rng.integers(0, len(centers), n)
+  return centers[idx] + noise * rng.standard_normal((n, centers.shape[1]))
+
+
+def test_kmeans_init_finds_the_clusters():
+  rng = np.random.default_rng(3)
+  cfg = rvq.QuantizerConfig(num_levels=2, codebook_size=8, dim=4)
+  centers = rng.standard_normal((8, 4)) * 3
+  z = clustered_data(rng, centers, 2048).astype(np.float32)[:, None]
+  cb, state = rvq.kmeans_init(jnp.asarray(z), jax.random.key(0), cfg)
+  # Level 0 recovers the centres; the residual after it is the noise.
+  dist = ((np.asarray(cb[0])[:, None] - centers[None]) ** 2).sum(-1)
+  assert np.sqrt(dist.min(0)).max() < 0.2
+  assert bool(state.initialized)
+  np.testing.assert_allclose(np.asarray(state.counts).sum(-1), 2048)
+
+
+def test_ema_codebooks_move_toward_the_data_and_restart_dead_codes():
+  rng = np.random.default_rng(4)
+  cfg = rvq.QuantizerConfig(
+    num_levels=1, codebook_size=8, dim=4, ema_decay=0.9, dead_code_threshold=1.0
+  )
+  centers = rng.standard_normal((8, 4)).astype(np.float32) * 3
+  # Codes start near the centres but offset; code 7 starts far from all data.
+  cb = centers + 0.5
+  cb[7] = 100.0
+  cb = jnp.asarray(cb[None])
+  state = rvq.CodebookState(
+    counts=jnp.full((1, 8), 4.0).at[0, 7].set(4.0),
+    sums=cb * 4.0,
+    initialized=jnp.ones((), bool),
+  )
+  step = jax.jit(
+    lambda cb, st, z, k: rvq.ema_update(
+      st, rvq.quantize_for_training(cb, z, k, cfg), cfg
+    )
+  )
+  first_error = np.abs(np.asarray(cb[0, :7]) - centers[:7]).max()
+  restarted = 0
+  for i in range(60):
+    z = clustered_data(rng, centers[:7], 256).astype(np.float32)[:, None]
+    cb, state, dead = step(cb, state, jnp.asarray(z), jax.random.key(i))
+    restarted += int(dead[0])
+    error = np.abs(np.asarray(cb[0, :7]) - centers[:7]).max()
+  print(f'EMA: max |code - centre| {first_error:.3f} -> {error:.3f}')
+  assert error < 0.1 * first_error
+  # Code 7 was never chosen, its count decayed below the threshold, and it
+  # was restarted from a data vector (now near one of the clusters).
+  assert restarted >= 1
+  assert np.abs(np.asarray(cb[0, 7])).max() < 20
+
+
+def test_update_codebooks_initialises_once():
+  cfg = rvq.QuantizerConfig(num_levels=2, codebook_size=8, dim=4)
+  rng = np.random.default_rng(5)
+  z = jnp.asarray(rng.standard_normal((32, 4, 4)), jnp.float32)
+  cb = jnp.zeros((2, 8, 4))
+  state = rvq.CodebookState.create(cfg)
+  out = rvq.quantize_for_training(cb, z, jax.random.key(0), cfg)
+  cb1, state1, _ = rvq.update_codebooks(state, out, z, jax.random.key(1), cfg)
+  assert bool(state1.initialized) and float(jnp.abs(cb1).max()) > 0
+  out = rvq.quantize_for_training(cb1, z, jax.random.key(0), cfg)
+  cb2, state2, _ = rvq.update_codebooks(state1, out, z, jax.random.key(1), cfg)
+  # Second call is an EMA step: counts decay toward the batch counts.
+  np.testing.assert_allclose(
+    state2.counts, 0.99 * state1.counts + 0.01 * out.counts, rtol=1e-5
+  )
+
+
+def test_statistics_are_global_across_devices():
+  """Sharded over 8 devices, counts equal the single-device counts."""
+  assert jax.device_count() == 8
+  mesh = jax.make_mesh(
+    (8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,)
+  )
+  rng = np.random.default_rng(6)
+  cb = jnp.asarray(rng.standard_normal((4, 16, 8)), jnp.float32)
+  z = rng.standard_normal((16, 3, 8)).astype(np.float32)
+  fn = jax.jit(
+    lambda cb, z: rvq.quantize_for_training(cb, z, jax.random.key(0), CFG)
+  )
+  single = fn(cb, jnp.asarray(z))
+  sharded_z = jax.device_put(z, NamedSharding(mesh, P('data')))
+  multi = fn(cb, sharded_z)
+  assert len(multi.decoder_input.sharding.device_set) == 8
+  np.testing.assert_array_equal(single.counts, multi.counts)
+  np.testing.assert_allclose(single.sums, multi.sums, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(single.counts).sum(-1), 48)
+
+
+@pytest.mark.parametrize(
+  'counts,usage,perplexity',
+  [
+    (np.full((1, 16), 3.0), 1.0, 16.0),
+    (np.eye(16)[:1] * 10, 1 / 16, 1.0),
+    (np.concatenate([np.ones((1, 4)), np.zeros((1, 12))], 1), 0.25, 4.0),
+  ],
+)
+def test_codebook_metrics(counts, usage, perplexity):
+  m = rvq.codebook_metrics(jnp.asarray(counts, jnp.float32))
+  np.testing.assert_allclose(m['usage'], [usage], rtol=1e-6)
+  np.testing.assert_allclose(m['perplexity'], [perplexity], rtol=1e-5)
+
+
+def test_custom_dropout_levels():
+  cfg = dataclasses.replace(CFG, dropout_levels=(2, 4))
+  n, _ = rvq.sample_training_levels(jax.random.key(0), 1000, cfg)
+  assert set(np.unique(np.asarray(n))) == {2, 4}
