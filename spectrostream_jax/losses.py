@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from spectrostream_jax import signal
+from spectrostream_jax.models import discriminator
 from spectrostream_jax.models import quantizer as rvq
-from spectrostream_jax.models.discriminator import DiscriminatorOutput
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +27,9 @@ class LossConfig:
   adversarial_weight: float = 1.0
   feature_weight: float = 100.0
   mel_weight: float = 1.0
-  # β; applied to the sum of the per-level commitment losses.
+  # β, on the sum over RVQ levels of each level's mean squared commitment:
+  # the first level then gets full β as in one-level VQ (a mean over 64
+  # levels would scale it by 1/64).
   commitment_weight: float = 1.0
   # Only for gradient-learned codebooks; EMA codebooks (default) need none.
   codebook_weight: float = 0.0
@@ -167,8 +169,8 @@ def generator_losses(
   config: LossConfig,
   wav: jax.Array,
   reconstruction: jax.Array,
-  real: Sequence[DiscriminatorOutput],
-  fake: Sequence[DiscriminatorOutput],
+  real: Sequence[discriminator.DiscriminatorOutput],
+  fake: Sequence[discriminator.DiscriminatorOutput],
   quantizer: rvq.QuantizerOutput | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The codec's total loss and its parts.
@@ -220,7 +222,8 @@ def generator_losses(
 
 
 def discriminator_loss(
-  real: Sequence[DiscriminatorOutput], fake: Sequence[DiscriminatorOutput]
+  real: Sequence[discriminator.DiscriminatorOutput],
+  fake: Sequence[discriminator.DiscriminatorOutput],
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Hinge loss of the discriminators; `fake` should see stop_gradient(x̂).
 
@@ -290,5 +293,7 @@ def mel_distance(
       num_mels,
     )
     diff = jnp.abs(jnp.log10(s + log_eps) - jnp.log10(s_hat + log_eps))
-    per_scale.append(jnp.mean(diff, axis=(1, 2, 3)))
+    # Small windows leave some mel filters without an FFT bin; skip them.
+    used = signal.mel_filterbank(num_mels, window, sample_rate).any(axis=0)
+    per_scale.append(jnp.mean(diff[..., used], axis=(1, 2, 3)))
   return jnp.mean(jnp.stack(per_scale), axis=0)

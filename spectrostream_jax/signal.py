@@ -37,7 +37,7 @@ def num_frames(num_samples: int, hop_length: int = 480) -> int:
   return math.ceil(num_samples / hop_length)
 
 
-def _frame(x: jax.Array, frame_length: int, hop_length: int) -> jax.Array:
+def frame(x: jax.Array, frame_length: int, hop_length: int) -> jax.Array:
   """[..., T] -> [..., ceil(T/hop), frame], zero-padded at the end."""
   if frame_length % hop_length:
     raise ValueError('frame_length must be a multiple of hop_length')
@@ -61,7 +61,7 @@ def stft(
   dropped, DC is kept.
   """
   x = jnp.moveaxis(wav, -1, 1)  # [B, C, T]
-  frames = _frame(x, frame_length, hop_length)
+  frames = frame(x, frame_length, hop_length)
   window = jnp.asarray(hann_window(frame_length), wav.dtype)
   spec = jnp.fft.rfft(frames * window, axis=-1)[..., : frame_length // 2]
   feat = jnp.stack([spec.real, spec.imag], axis=-1)  # [B, C, F, K, 2]
@@ -146,7 +146,7 @@ def magnitude_spectrogram(
   pad = window // 2
   x = jnp.pad(x, ((0, 0), (0, 0), (pad, pad)), mode='reflect')
   n = 1 + (x.shape[-1] - window) // hop
-  frames = _frame(x, window, hop)[..., :n, :]
+  frames = frame(x, window, hop)[..., :n, :]
   frames = frames * jnp.asarray(hann_window(window), wav.dtype)
   mag = jnp.abs(jnp.fft.rfft(frames, axis=-1))
   return mag if power == 1.0 else mag**power

@@ -37,8 +37,8 @@ class DiscriminatorConfig:
   # hop = window // hops_per_window.
   hops_per_window: int = 4
   base_channels: int = 32
-  # The stem already halves the bins: a second full-resolution conv would
-  # cost as much as the rest of the network.
+  # A strided stem halves the bins before the first unit; with (1, 1) that
+  # unit's two full-resolution convs double the cost of the whole network.
   stem_stride: tuple[int, int] = (1, 2)
   # Output channels (× base_channels) and (time, freq) strides per unit.
   channel_multipliers: tuple[int, ...] = (1, 2, 2, 4)
@@ -83,7 +83,7 @@ def stft_features(wav: jax.Array, window: int, hop: int) -> jax.Array:
   x = jnp.moveaxis(wav.astype(jnp.float32), -1, 1)  # [B, C, T]
   pad = window // 2
   x = jnp.pad(x, ((0, 0), (0, 0), (pad, pad)))
-  frames = signal._frame(x, window, hop)[..., : 1 + wav.shape[1] // hop, :]
+  frames = signal.frame(x, window, hop)[..., : 1 + wav.shape[1] // hop, :]
   w = signal.hann_window(window)
   frames = frames * jnp.asarray(w / np.sqrt(np.sum(w**2)), jnp.float32)
   spec = jnp.fft.rfft(frames, axis=-1)[..., : window // 2]

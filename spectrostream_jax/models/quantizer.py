@@ -20,12 +20,11 @@ import jax.numpy as jnp
 
 @dataclasses.dataclass(frozen=True)
 class QuantizerConfig:
-  """RVQ shape and training behaviour (training fields are SPEC defaults)."""
+  """RVQ shape and training behaviour (SPEC defaults; loss weights: losses)."""
 
   num_levels: int = 64
   codebook_size: int = 1024
   dim: int = 256
-  commitment_weight: float = 1.0
   # 'ema' (SoundStream) or 'gradient' (codebook loss, learned by optimizer).
   codebook_learning: str = 'ema'
   ema_decay: float = 0.99
