@@ -1,0 +1,125 @@
+"""Whole-sequence encode / decode speed of a codec preset on this machine.
+
+    python benchmarks/codec_speed.py [--preset production] [--seconds 10]
+
+Prints one JSON object: wall time, real-time factor and achieved GFLOP/s of
+encode (waveform -> 64-level codes), decode (codes -> waveform) and the round
+trip, next to this machine's own float32 matmul rate measured in the same
+run. FLOPs come from XLA's cost analysis of the compiled functions. With
+`--update-docs` the figures are written into docs/benchmarks.md.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spectrostream_jax.models import codec as codec_lib
+
+try:
+  from benchmarks import report
+except ImportError:  # Run as a script from the repository root.
+  import report
+
+
+def matmul_rate(n: int = 2048, repeats: int = 10) -> float:
+  """Best float32 GFLOP/s of an n×n×n matmul through XLA."""
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = min(_timed(f, a) for _ in range(repeats))
+  return 2 * n**3 / best / 1e9
+
+
+def _timed(fn, *args) -> float:
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  return time.perf_counter() - start
+
+
+def measure(fn, args, repeats: int) -> dict:
+  lowered = jax.jit(fn).lower(*args)
+  start = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  flops = float(cost.get('flops', 0.0))
+  compiled(*args)  # Warm-up.
+  times = [_timed(compiled, *args) for _ in range(repeats)]
+  best = min(times)
+  return {
+    'seconds': round(best, 4),
+    'median_seconds': round(float(np.median(times)), 4),
+    'compile_seconds': round(compile_s, 2),
+    'gflop': round(flops / 1e9, 1),
+    'gflop_per_s': round(flops / best / 1e9, 1),
+  }
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument('--preset', default='production')
+  ap.add_argument('--seconds', type=float, default=10.0)
+  ap.add_argument('--levels', type=int, default=None)
+  ap.add_argument('--repeats', type=int, default=3)
+  ap.add_argument('--update-docs', action='store_true')
+  args = ap.parse_args()
+
+  cfg = codec_lib.get_config(args.preset)
+  levels = args.levels or cfg.quantizer.num_levels
+  params = codec_lib.init_params(cfg, jax.random.key(0))
+  model = codec_lib.SpectroStream(cfg)
+  samples = int(args.seconds * cfg.sample_rate)
+  wav = jnp.asarray(
+    np.random.default_rng(0).uniform(-0.5, 0.5, (1, samples, 2)), jnp.float32
+  )
+
+  def encode(p, x):
+    return model.apply({'params': p}, x, levels, method=model.encode)
+
+  def decode(p, c):
+    return model.apply({'params': p}, c, method=model.decode)
+
+  def round_trip(p, x):
+    return decode(p, encode(p, x))
+
+  codes = jax.jit(encode)(params, wav)
+  result = {
+    'benchmark': 'codec_speed',
+    'preset': args.preset,
+    'audio_seconds': args.seconds,
+    'levels': levels,
+    'device': str(jax.devices()[0].device_kind),
+    'backend': jax.default_backend(),
+    'cpu_count': os.cpu_count(),
+    'machine': platform.processor() or platform.machine(),
+    'jax': jax.__version__,
+    'date': datetime.date.today().isoformat(),
+    'matmul_gflop_per_s': round(matmul_rate(), 1),
+  }
+  for name, fn, x in (
+    ('encode', encode, wav),
+    ('decode', decode, codes),
+    ('round_trip', round_trip, wav),
+  ):
+    m = measure(fn, (params, x), args.repeats)
+    m['rtf'] = round(m['seconds'] / args.seconds, 4)
+    m['x_realtime'] = round(args.seconds / m['seconds'], 2)
+    m['fraction_of_matmul_rate'] = round(
+      m['gflop_per_s'] / result['matmul_gflop_per_s'], 3
+    )
+    result[name] = m
+  print(json.dumps(result, indent=1))
+  if args.update_docs:
+    report.update_section('codec_speed', result, report.codec_speed_markdown)
+
+
+if __name__ == '__main__':
+  main()
