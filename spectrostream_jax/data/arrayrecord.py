@@ -67,7 +67,14 @@ class BuildConfig:
       )
     if not 0 < self.min_segment_seconds <= self.segment_seconds:
       raise index_lib.DataError(
-        'need 0 < min_segment_seconds <= segment_seconds'
+        f'min_segment_seconds ({self.min_segment_seconds}) must be in '
+        f'(0, segment_seconds={self.segment_seconds}]'
+      )
+    if self.num_channels not in (1, 2) or self.sample_rate <= 0:
+      raise index_lib.DataError('need num_channels 1 or 2, sample_rate > 0')
+    if self.channel_mode not in transforms.CHANNEL_MODES:
+      raise index_lib.DataError(
+        f'channel_mode must be one of {transforms.CHANNEL_MODES}'
       )
 
   @property
@@ -104,11 +111,6 @@ def segments(
   scaled down to fit; segments of digital silence, and a last piece
   shorter than min_segment_seconds, are dropped.
   """
-  channels = transforms.AudioConfig(
-    sample_rate=config.sample_rate,
-    num_channels=config.num_channels,
-    channel_mode=config.channel_mode,
-  )
   gain = 1.0 / max(audio_file.peak, 1.0)
   stream = None
   if audio_file.sample_rate != config.sample_rate:
@@ -116,18 +118,23 @@ def segments(
       audio_file.sample_rate, config.sample_rate, config.num_channels
     )
   pieces = []
-  with sf.SoundFile(audio_file.path) as f:
-    while True:
-      block = f.read(_BLOCK_FRAMES, dtype='float32', always_2d=True)
-      last = block.shape[0] < _BLOCK_FRAMES
-      block = transforms.to_channels(
-        block * gain, channels.num_channels, channels.channel_mode
-      )
-      if stream is not None:
-        block = stream.resample_chunk(block, last=last)
-      pieces.append(to_int16(block))
-      if last:
-        break
+  try:
+    with sf.SoundFile(audio_file.path) as f:
+      while True:
+        block = f.read(_BLOCK_FRAMES, dtype='float32', always_2d=True)
+        last = block.shape[0] < _BLOCK_FRAMES
+        block = transforms.to_channels(
+          block * gain, config.num_channels, config.channel_mode
+        )
+        if stream is not None:
+          block = stream.resample_chunk(block, last=last)
+        pieces.append(to_int16(block))
+        if last:
+          break
+  except (RuntimeError, OSError) as e:
+    raise index_lib.DataError(
+      f'{audio_file.path} changed since it was indexed: {e}'
+    ) from None
   audio = np.concatenate(pieces)
   length = config.segment_samples
   shortest = math.ceil(config.min_segment_seconds * config.sample_rate)
@@ -206,29 +213,30 @@ def build(
   """Writes the dataset of corpus `spec` under `out_dir`; returns a summary."""
   final = os.path.join(out_dir, config.name, config.version)
   if os.path.exists(final) and not overwrite:
-    raise index_lib.DataError(f'{final} exists (pass overwrite to replace it)')
+    raise index_lib.DataError(
+      f'{final} exists (pass --overwrite to replace it)'
+    )
   index = index_lib.select(
-    index_lib.scan(spec, cache_dir, config.workers),
+    index_lib.with_splits(
+      index_lib.scan(spec, cache_dir, config.workers),
+      config.eval_fraction,
+      config.seed,
+    ),
     min_frames=lambda rate: math.ceil(config.min_segment_seconds * rate),
     min_sample_rate=config.min_sample_rate,
   )
   if not index.files:
     reasons = index.summary(max_listed=0)['skipped_by_reason']
     raise index_lib.DataError(f'{spec}: no usable audio (skipped: {reasons})')
-  assigned = index_lib.assign_splits(
-    [f.track for f in index.files if f.split is None],
-    config.eval_fraction,
-    config.seed,
-  )
   by_split = collections.defaultdict(list)
   for f in sorted(index.files, key=lambda f: f.track):
-    by_split[f.split or assigned[f.track]].append(f)
+    by_split[f.split].append(f)
 
   parent = os.path.join(out_dir, config.name)
   os.makedirs(parent, exist_ok=True)
-  work = tempfile.mkdtemp(dir=parent, prefix=f'.{config.version}.incomplete-')
+  work = index_lib.make_temp_dir(parent, f'.{config.version}.incomplete-')
   try:
-    spec_ = features(config.num_channels)
+    record_spec = features(config.num_channels)
     split_infos, stats = [], {}
     dropped = 0
     for split, files in sorted(by_split.items()):
@@ -244,7 +252,7 @@ def build(
         for start, audio in pieces:
           samples += audio.shape[0]
           writer.write(
-            spec_.serialize_example(
+            record_spec.serialize_example(
               {'audio': audio, 'track': f.track, 'start': start}
             )
           )
@@ -259,7 +267,7 @@ def build(
       }
     tfds.folder_dataset.write_metadata(
       data_dir=work,
-      features=spec_,
+      features=record_spec,
       split_infos=split_infos,
       version=config.version,
       filename_template=_TEMPLATE,

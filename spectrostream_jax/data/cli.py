@@ -16,8 +16,6 @@ import os
 import sys
 from typing import Any, NoReturn
 
-from absl import flags
-
 from spectrostream_jax.data import arrayrecord
 from spectrostream_jax.data import debian
 from spectrostream_jax.data import index as index_lib
@@ -143,9 +141,6 @@ def main(argv: list[str] | None = None) -> int:
   """Runs one sub-command; the exit status."""
   parser = _parser()
   args = parser.parse_args(argv)
-  # Libraries below log through absl, which expects parsed flags.
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
   try:
     result = args.run(args)
   except (index_lib.DataError, OSError) as e:

@@ -27,7 +27,6 @@ import os
 import pathlib
 import shutil
 import subprocess
-import tempfile
 from typing import Any
 
 from spectrostream_jax.data import index as index_lib
@@ -197,7 +196,9 @@ def fetch(
       f'{out} is not empty (pass --overwrite to replace it)'
     )
   out.parent.mkdir(parents=True, exist_ok=True)
-  work = pathlib.Path(tempfile.mkdtemp(dir=out.parent, prefix=f'.{out.name}-'))
+  work = pathlib.Path(
+    index_lib.make_temp_dir(str(out.parent), f'.{out.name}.incomplete-')
+  )
   try:
     rows = []
     for package in PACKAGES:

@@ -22,6 +22,7 @@ import dataclasses
 import glob
 import hashlib
 import json
+import math
 import os
 import pathlib
 import tempfile
@@ -40,6 +41,9 @@ SPLITS = ('train', 'eval')
 SILENT_PEAK = 2.0**-16
 _CACHE_FORMAT = 1
 _BLOCK_FRAMES = 1 << 16
+# Lossy codecs' priming and padding make the decoded length differ a little
+# from the header's; a shortfall beyond this many frames is truncation.
+_FRAME_SLACK = 4096
 # libsndfile's log says this when a header promises more than the file has.
 _TRUNCATION_MARKS = ('(should be', 'Last page lacks an end-of-stream')
 
@@ -50,16 +54,14 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-  """A file named by the corpus spec, with its manifest fields."""
+  """A file named by the corpus spec."""
 
   path: str
-  # Track identity for splitting: the path relative to the corpus root.
+  # Files of one track share a split: the manifest's `track` column, or
+  # else the path relative to the corpus root.
   track: str
-  fields: tuple[tuple[str, str], ...] = ()
-
-  @property
-  def split(self) -> str | None:
-    return dict(self.fields).get('split')
+  # From the manifest's `split` column, if any.
+  split: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,18 +172,20 @@ def discover(spec: str) -> list[Candidate]:
   raise DataError(f'{spec}: no such file or directory')
 
 
+def _read_rows(path: pathlib.Path) -> list[Any]:
+  try:
+    with path.open(newline='', encoding='utf-8') as f:
+      if path.suffix.lower() == '.csv':
+        return list(csv.DictReader(f))
+      return [json.loads(line) for line in f if line.strip()]
+  except (UnicodeDecodeError, csv.Error, json.JSONDecodeError) as e:
+    raise DataError(
+      f'{path}: not a UTF-8 JSONL or CSV manifest ({e})'
+    ) from None
+
+
 def _read_manifest(path: pathlib.Path) -> list[Candidate]:
-  rows = []
-  with path.open(newline='', encoding='utf-8') as f:
-    if path.suffix.lower() == '.csv':
-      rows = list(csv.DictReader(f))
-    else:
-      for number, line in enumerate(f, 1):
-        if line.strip():
-          try:
-            rows.append(json.loads(line))
-          except json.JSONDecodeError as e:
-            raise DataError(f'{path}:{number}: not JSON ({e.msg})') from None
+  rows = _read_rows(path)
   found = []
   for number, row in enumerate(rows, 1):
     if not isinstance(row, dict) or not row.get('path'):
@@ -190,12 +194,13 @@ def _read_manifest(path: pathlib.Path) -> list[Candidate]:
     split = row.get('split')
     if split not in (None, '', *SPLITS):
       raise DataError(f'{path}: row {number}: split must be one of {SPLITS}')
-    fields = tuple(
-      sorted((str(k), str(v)) for k, v in row.items() if k != 'path' and v)
-    )
     full = os.path.normpath(os.path.join(path.parent.absolute(), rel))
-    found.append(Candidate(full, str(row.get('track') or rel), fields))
+    found.append(Candidate(full, str(row.get('track') or rel), split or None))
   return found
+
+
+def _first_line(error: Exception) -> str:
+  return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def probe(path: str) -> Probe:
@@ -207,10 +212,13 @@ def probe(path: str) -> Probe:
   if os.path.getsize(path) == 0:
     return Probe(reason='empty_file')
   try:
-    with sf.SoundFile(path) as f:
-      frames = 0
-      peak = 0.0
-      finite = True
+    f = sf.SoundFile(path)
+  except (RuntimeError, OSError, ValueError, EOFError) as e:
+    return Probe(reason='unreadable', detail=_first_line(e))
+  with f:
+    rate, channels = f.samplerate, f.channels
+    frames, peak, finite = 0, 0.0, True
+    try:
       while True:
         block = f.read(_BLOCK_FRAMES, dtype='float32', always_2d=True)
         if not block.shape[0]:
@@ -219,21 +227,26 @@ def probe(path: str) -> Probe:
         finite = finite and bool(np.all(np.isfinite(block)))
         if finite:
           peak = max(peak, float(np.max(np.abs(block))))
-      header_frames, log = f.frames, f.extra_info
-      rate, channels = f.samplerate, f.channels
-  except (RuntimeError, OSError, ValueError, EOFError) as e:
-    return Probe(reason='unreadable', detail=str(e).strip().splitlines()[0])
-  probe_ = Probe(frames, rate, channels, peak)
+    except (RuntimeError, OSError, ValueError, EOFError) as e:
+      detail = f'after {frames} frames: {_first_line(e)}'
+      return Probe(frames, rate, channels, reason='corrupt', detail=detail)
+    header_frames, log = f.frames, f.extra_info
+  found = Probe(frames, rate, channels, peak)
   if frames == 0:
-    return dataclasses.replace(probe_, reason='no_samples')
-  if frames < header_frames or any(m in log for m in _TRUNCATION_MARKS):
-    detail = f'{frames} of {header_frames} frames decoded'
-    return dataclasses.replace(probe_, reason='truncated', detail=detail)
+    return dataclasses.replace(found, reason='no_samples')
+  marks = [
+    line
+    for line in log.splitlines()
+    if any(m in line for m in _TRUNCATION_MARKS)
+  ]
+  if frames + _FRAME_SLACK < header_frames or marks:
+    detail = marks[0] if marks else f'{frames} of {header_frames} frames'
+    return dataclasses.replace(found, reason='truncated', detail=detail)
   if not finite:
-    return dataclasses.replace(probe_, reason='non_finite')
+    return dataclasses.replace(found, reason='non_finite')
   if peak < SILENT_PEAK:
-    return dataclasses.replace(probe_, reason='silent')
-  return probe_
+    return dataclasses.replace(found, reason='silent')
+  return found
 
 
 def ordered_map(
@@ -278,6 +291,22 @@ def _load_cache(path: str) -> dict[str, Any]:
   return cache.get('files', {})
 
 
+def _umask() -> int:
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
+def make_temp_dir(parent: str, prefix: str) -> str:
+  """A new directory in `parent` with the usual (umask) permissions.
+
+  Outputs are built in one and renamed into place when complete.
+  """
+  path = tempfile.mkdtemp(dir=parent, prefix=prefix)
+  os.chmod(path, 0o777 & ~_umask())
+  return path
+
+
 def write_atomic(path: str, text: str) -> None:
   """Writes `text` to a temporary file beside `path`, then renames it."""
   directory = os.path.dirname(os.path.abspath(path))
@@ -286,6 +315,7 @@ def write_atomic(path: str, text: str) -> None:
   try:
     with os.fdopen(fd, 'w', encoding='utf-8') as f:
       f.write(text)
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
   except BaseException:
     os.unlink(tmp)
@@ -324,7 +354,10 @@ def scan(
   }
   if fresh != cached:
     payload = {'format': _CACHE_FORMAT, 'spec': spec, 'files': fresh}
-    write_atomic(cache_path, json.dumps(payload))
+    try:
+      write_atomic(cache_path, json.dumps(payload))
+    except OSError as e:
+      logging.warning('index cache not written (%s); next run rescans', e)
   files, skipped = [], []
   for c, p in zip(candidates, probes, strict=True):
     if p.reason:
@@ -344,9 +377,9 @@ def assign_splits(
   """Deterministic train/eval split of track groups.
 
   Groups are ordered by a hash of (seed, group) and the first
-  round(n·eval_fraction) go to eval (at least one when there are two or
-  more groups and the fraction is positive), so a split does not depend
-  on the order in which files were found.
+  n·eval_fraction (rounded half up) go to eval, at least one when there
+  are two or more groups and the fraction is positive; so a split does
+  not depend on the order in which files were found.
   """
   if not 0 <= eval_fraction < 1:
     raise DataError(f'eval_fraction must be in [0, 1), not {eval_fraction}')
@@ -354,11 +387,27 @@ def assign_splits(
   order = sorted(
     unique, key=lambda g: hashlib.sha256(f'{seed}/{g}'.encode()).hexdigest()
   )
-  num_eval = round(len(unique) * eval_fraction)
+  num_eval = math.floor(len(unique) * eval_fraction + 0.5)
   if eval_fraction > 0 and len(unique) >= 2:
     num_eval = max(1, num_eval)
   evals = set(order[:num_eval])
   return {g: 'eval' if g in evals else 'train' for g in unique}
+
+
+def with_splits(index: Index, eval_fraction: float, seed: int = 0) -> Index:
+  """Every usable file with a split: its manifest's, or one by track.
+
+  Decided before any length or rate rule is applied, so a file's split
+  does not move when the crop length or minimum rate changes.
+  """
+  assigned = assign_splits(
+    [f.track for f in index.files if f.split is None], eval_fraction, seed
+  )
+  files = tuple(
+    dataclasses.replace(f, split=f.split or assigned[f.track])
+    for f in index.files
+  )
+  return dataclasses.replace(index, files=files)
 
 
 def select(
@@ -367,19 +416,19 @@ def select(
   min_frames: Callable[[int], int],
   min_sample_rate: int = 0,
   split: str | None = None,
-  eval_fraction: float = 0.05,
 ) -> Index:
   """The files a pipeline can use; the others join `skipped`.
 
   `min_frames(rate)` is the shortest usable file at that rate. With
-  `split`, files keep their manifest split or, without one, are split by
-  track with `assign_splits`; files of the other split are left out (they
-  are not skipped: nothing is wrong with them).
+  `split` (after `with_splits`), files of the other split are left out;
+  they are not skipped: nothing is wrong with them.
   """
   if split is not None and split not in SPLITS:
     raise DataError(f'split must be one of {SPLITS}, not {split!r}')
   files, skipped = [], list(index.skipped)
   for f in index.files:
+    if split is not None and f.split != split:
+      continue
     if f.sample_rate < min_sample_rate:
       detail = f'{f.sample_rate} Hz < {min_sample_rate} Hz'
       skipped.append(Skipped(f.path, 'low_sample_rate', detail))
@@ -388,11 +437,4 @@ def select(
       skipped.append(Skipped(f.path, 'too_short', detail))
     else:
       files.append(f)
-  if split is not None:
-    unassigned = [f.track for f in files if f.split is None]
-    assigned = assign_splits(unassigned, eval_fraction)
-    files = [
-      dataclasses.replace(f, split=f.split or assigned[f.track]) for f in files
-    ]
-    files = [f for f in files if f.split == split]
   return Index(index.spec, tuple(files), tuple(skipped))

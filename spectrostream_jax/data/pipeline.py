@@ -70,7 +70,10 @@ class MakeExample(grain.transforms.RandomMap):
   """
 
   def __init__(
-    self, reader: Any, config: transforms.AudioConfig, max_retries: int
+    self,
+    reader: sources_lib.Reader,
+    config: transforms.AudioConfig,
+    max_retries: int,
   ):
     self.reader = reader
     self.config = config
@@ -126,13 +129,15 @@ def make_dataset(
     process_count = jax.process_count()
   if not config.sources:
     raise index_lib.DataError('no data sources configured')
-  if config.batch_size % process_count:
+  if config.batch_size <= 0 or config.batch_size % process_count:
     raise index_lib.DataError(
-      f'batch_size {config.batch_size} is not divisible by the '
+      f'batch_size {config.batch_size} is not a positive multiple of the '
       f'{process_count} processes'
     )
   if not 0 <= process_index < process_count:
-    raise index_lib.DataError(f'process {process_index} of {process_count}?')
+    raise index_lib.DataError(
+      f'process_index {process_index} is not in [0, {process_count})'
+    )
   parts = []
   for number, source in enumerate(config.sources):
     reader = sources_lib.open_source(source, config.audio)
@@ -163,8 +168,7 @@ def make_dataset(
 
 
 def skip_counts(batch: dict[str, Any]) -> dict[str, int]:
-  """Replacement draws in `batch`, by reason (for metrics such as
-  `data/skips/silent_crop`)."""
+  """Replacement draws in `batch` by reason, e.g. for `data/skips/*`."""
   totals = np.asarray(batch['skips']).sum(axis=0).tolist()
   return dict(zip(transforms.RUNTIME_REASONS, totals, strict=True))
 

@@ -1,20 +1,22 @@
 """Where training audio comes from: files, TFDS ArrayRecord, or generated.
 
-A source config (frozen, hashable, gin-bindable) names the data; `open`
-turns it into a reader. A reader is a random-access collection of items
-(`len(reader)`) whose `read(item, rng)` returns a `transforms.Chunk` with
-a random crop position, or raises `transforms.CropError`. Readers are plain
-picklable objects holding numpy arrays and paths, so grain can ship them
-to its worker processes; nothing here keeps a file open between reads.
+A source config (frozen, hashable, gin-bindable) names the data;
+`open_source` turns it into a `Reader`: a random-access collection of
+items whose `read(item, rng)` returns a `transforms.Chunk` at a random
+crop position, or raises `transforms.CropError`. Readers are picklable
+(numpy arrays, paths, TFDS data sources), so grain can ship them to its
+worker processes; audio files are opened for each crop, not kept open.
 
 Items of a file source are segments: a file of F frames contributes
-max(1, F // crop) items, so sampling items uniformly samples audio time
+max(1, F // crop) items, each covering an equal share of the file's
+possible crop starts, so sampling items uniformly samples audio time
 uniformly and one epoch covers every file about once, long or short.
 """
 
 import dataclasses
 import math
 import os
+from typing import Protocol
 
 import numpy as np
 import soundfile as sf
@@ -65,11 +67,19 @@ class SyntheticSource:
 Source = FileSource | TfdsSource | SyntheticSource
 
 
+class Reader(Protocol):
+  def __len__(self) -> int: ...
+
+  def read(self, item: int, rng: np.random.Generator) -> transforms.Chunk: ...
+
+
 def _start(
-  total: int, need: int, item_start: int, span: int, rng: np.random.Generator
+  total: int, need: int, segment: int, count: int, rng: np.random.Generator
 ) -> int:
-  """A random start in [item_start, item_start + span), kept in the file."""
-  return min(item_start + int(rng.integers(0, max(span, 1))), total - need)
+  """A random crop start in the `segment`-th of `count` equal shares."""
+  starts = total - need + 1
+  lo, hi = segment * starts // count, (segment + 1) * starts // count
+  return lo + int(rng.integers(0, max(hi - lo, 1)))
 
 
 class FileReader:
@@ -96,8 +106,9 @@ class FileReader:
   def read(self, item: int, rng: np.random.Generator) -> transforms.Chunk:
     i = int(np.searchsorted(self.offsets, item, side='right')) - 1
     path, total, rate = self.paths[i], int(self.frames[i]), int(self.rates[i])
-    need = int(self.need[i])
-    start = _start(total, need, (item - int(self.offsets[i])) * need, need, rng)
+    segment = item - int(self.offsets[i])
+    count = int(self.offsets[i + 1] - self.offsets[i])
+    start = _start(total, int(self.need[i]), segment, count, rng)
     lo, hi, lead = transforms.crop_window(total, start, self.config, rate)
     if not os.path.exists(path):
       raise transforms.CropError('missing', path)
@@ -148,13 +159,14 @@ class TfdsReader:
   def read(self, item: int, rng: np.random.Generator) -> transforms.Chunk:
     audio = np.asarray(self.records[item][self.key])
     if np.issubdtype(audio.dtype, np.integer):
-      scale = float(2 ** (8 * audio.dtype.itemsize - 1))
-      audio = audio.astype(np.float32) / scale
+      half = float(2 ** (8 * audio.dtype.itemsize - 1))
+      offset = half if np.issubdtype(audio.dtype, np.unsignedinteger) else 0
+      audio = (audio.astype(np.float32) - offset) / half
     audio = audio.reshape(audio.shape[0], -1)
     total, need = audio.shape[0], self.config.source_frames(self.rate)
     if total < need:
       raise transforms.CropError('too_short', f'record {item}: {total} frames')
-    start = _start(total, need, 0, total - need + 1, rng)
+    start = _start(total, need, 0, 1, rng)
     lo, hi, lead = transforms.crop_window(total, start, self.config, self.rate)
     return transforms.Chunk(audio[lo:hi], self.rate, lead)
 
@@ -181,12 +193,14 @@ def open_files(
   source: FileSource, config: transforms.AudioConfig
 ) -> tuple[FileReader, index_lib.Index]:
   """Reader of a file source and the index it was built from."""
+  index = index_lib.scan(source.path, source.cache_dir)
+  if source.split is not None:
+    index = index_lib.with_splits(index, source.eval_fraction)
   index = index_lib.select(
-    index_lib.scan(source.path, source.cache_dir),
+    index,
     min_frames=config.source_frames,
     min_sample_rate=config.min_sample_rate,
     split=source.split,
-    eval_fraction=source.eval_fraction,
   )
   index.log_skipped()
   if not index.files:
@@ -199,7 +213,7 @@ def open_files(
   return FileReader(index.files, config), index
 
 
-def open_source(source: Source, config: transforms.AudioConfig):
+def open_source(source: Source, config: transforms.AudioConfig) -> Reader:
   """The reader of any source; raises DataError when it cannot be used."""
   if not source.weight > 0 or not math.isfinite(source.weight):
     raise index_lib.DataError(f'source weight must be > 0: {source}')

@@ -61,7 +61,6 @@ class _Instrument:
   """Additive-harmonic voice with an ADSR envelope and a pan position."""
 
   def __init__(self, rng: np.random.Generator, role: str):
-    self.role = role
     num = int(rng.integers(3, 16))
     tilt = rng.uniform(0.6, 1.6)
     odd_bias = rng.uniform(0.2, 1.0)
