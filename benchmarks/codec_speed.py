@@ -6,7 +6,10 @@ Prints one JSON object: wall time, real-time factor and achieved GFLOP/s of
 encode (waveform -> 64-level codes), decode (codes -> waveform) and the round
 trip, next to this machine's own float32 matmul rate measured in the same
 run. FLOPs come from XLA's cost analysis of the compiled functions. With
-`--update-docs` the figures are written into docs/benchmarks.md.
+`--official-python PY` it also times Google's implementation on the same job
+(benchmarks/official_codec_speed.py, run by PY, a Python that has the
+magenta-rt package) right after ours. With `--update-docs` the figures are
+written into docs/benchmarks.md.
 """
 
 import argparse
@@ -14,6 +17,8 @@ import datetime
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 
 import jax
@@ -63,12 +68,24 @@ def measure(fn, args, repeats: int) -> dict:
   }
 
 
+def official(args) -> dict:
+  """Runs benchmarks/official_codec_speed.py under another Python."""
+  script = os.path.join(os.path.dirname(__file__), 'official_codec_speed.py')
+  cmd = [args.official_python, script, '--seconds', str(args.seconds)]
+  cmd += ['--repeats', str(args.repeats)]
+  out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  if out.returncode:
+    sys.exit(f'official benchmark failed: {out.stderr.strip()[-500:]}')
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument('--preset', default='production')
   ap.add_argument('--seconds', type=float, default=10.0)
   ap.add_argument('--levels', type=int, default=None)
   ap.add_argument('--repeats', type=int, default=3)
+  ap.add_argument('--official-python', default=None)
   ap.add_argument('--update-docs', action='store_true')
   args = ap.parse_args()
 
@@ -116,6 +133,12 @@ def main():
       m['gflop_per_s'] / result['matmul_gflop_per_s'], 3
     )
     result[name] = m
+  if args.official_python:
+    result['official'] = official(args)
+    for name in ('encode', 'decode'):
+      result[name]['speedup_vs_official'] = round(
+        result['official'][name]['seconds'] / result[name]['seconds'], 2
+      )
   print(json.dumps(result, indent=1))
   if args.update_docs:
     report.update_section('codec_speed', result, report.codec_speed_markdown)

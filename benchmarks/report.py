@@ -32,6 +32,24 @@ def command_line() -> str:
   return 'python ' + ' '.join(sys.argv)
 
 
+def _official_rows(r: dict) -> list[str]:
+  if 'official' not in r:
+    return []
+  o = r['official']
+  return [
+    '',
+    f"Google's implementation ({o['implementation']}, same job, same run): ",
+    '',
+    '| path | official wall s | ours wall s | ours faster by |',
+    '|---|---|---|---|',
+    *(
+      f'| {n} | {o[n]["seconds"]} | {r[n]["seconds"]} | '
+      f'{r[n]["speedup_vs_official"]}× |'
+      for n in ('encode', 'decode')
+    ),
+  ]
+
+
 def codec_speed_markdown(r: dict) -> str:
   rows = [
     '| path | wall s | RTF | × real time | GFLOP | GFLOP/s | of matmul rate |'
@@ -58,9 +76,10 @@ def codec_speed_markdown(r: dict) -> str:
       f'**{r["matmul_gflop_per_s"]} GFLOP/s**.',
       '',
       *rows,
+      *_official_rows(r),
       '',
       'RTF = wall time / audio duration (best of the repeats, after '
-      'compilation). FLOPs are XLA\'s cost analysis of the compiled call.',
+      "compilation). FLOPs are XLA's cost analysis of the compiled call.",
       '',
       '<details><summary>JSON</summary>',
       '',
