@@ -149,22 +149,6 @@ class CodecConfig:
     return math.ceil(frames / self.time_stride)
 
 
-def _fold_channels(x: jax.Array, channels: int) -> jax.Array:
-  """[B, ..., C·ch] -> [C·B, ..., ch] (audio channel to batch)."""
-  b, *mid, c = x.shape
-  x = x.reshape(b, *mid, channels, c // channels)
-  x = jnp.moveaxis(x, -2, 0)
-  return x.reshape(channels * b, *mid, c // channels)
-
-
-def _unfold_channels(x: jax.Array, channels: int) -> jax.Array:
-  """[C·B, ..., ch] -> [B, ..., C·ch], branch c in channels [c·ch, (c+1)·ch)."""
-  cb, *mid, c = x.shape
-  x = x.reshape(channels, cb // channels, *mid, c)
-  x = jnp.moveaxis(x, 0, -2)
-  return x.reshape(cb // channels, *mid, channels * c)
-
-
 class ResidualMLP(nn.Module):
   """`conv1x1_<linear>` + `shortcut_layer/{conv1x1_b1, conv1x1_b2}`."""
 
@@ -214,10 +198,12 @@ class Encoder(nn.Module):
   def __call__(self, features: jax.Array) -> jax.Array:
     c = self.config
     dtype = jnp.dtype(c.dtype)
-    x = _fold_channels(features, c.num_channels)
-    x = layers.CausalConv2D(
+    # Branches share weights: one module applied to each audio channel.
+    branches = jnp.split(features, c.num_channels, axis=-1)
+    base = layers.CausalConv2D(
       c.encoder_base_channels, (7, 7), name='base_conv_first', dtype=dtype
-    )(x)
+    )
+    branches = [base(b) for b in branches]
     units = [
       (f'encoder_{i}', ch, s)
       for i, (ch, s) in enumerate(
@@ -227,10 +213,10 @@ class Encoder(nn.Module):
     units.append(('bottleneck', c.bottleneck_channels, (1, 1)))
     for i, (name, ch, stride) in enumerate(units):
       if i == c.fusion_block:
-        x = _unfold_channels(x, c.num_channels)
-      x = layers.EncoderUnit(ch, stride, name=name, dtype=dtype)(x)
-    if c.fusion_block == len(units):
-      x = _unfold_channels(x, c.num_channels)
+        branches = [jnp.concatenate(branches, axis=-1)]
+      unit = layers.EncoderUnit(ch, stride, name=name, dtype=dtype)
+      branches = [unit(b) for b in branches]
+    x = jnp.concatenate(branches, axis=-1)
     b, n, f, ch = x.shape
     x = x.reshape(b, n, f * ch)
     x = ResidualMLP(
@@ -278,17 +264,19 @@ class Decoder(nn.Module):
     x = layers.DecoderUnit(
       joint, (1, 1), name='input_layers_residual_unit', dtype=dtype
     )(x)
+    branches = [x]
     if c.split_block == -1:
-      x = _fold_channels(x, c.num_channels)
+      branches = jnp.split(x, c.num_channels, axis=-1)
     for i, (ch, stride) in enumerate(
       zip(c.decoder_channels, c.decoder_strides, strict=True)
     ):
       out = ch * c.num_channels if i <= c.split_block else ch
-      x = layers.DecoderUnit(out, stride, name=f'decoder_{i}', dtype=dtype)(x)
+      unit = layers.DecoderUnit(out, stride, name=f'decoder_{i}', dtype=dtype)
+      branches = [unit(b) for b in branches]
       if i == c.split_block:
-        x = _fold_channels(x, c.num_channels)
-    x = _OutputLayer(2, dtype=dtype, name='output_layer')(x)
-    x = _unfold_channels(x, c.num_channels)
+        branches = jnp.split(branches[0], c.num_channels, axis=-1)
+    head = _OutputLayer(2, dtype=dtype, name='output_layer')
+    x = jnp.concatenate([head(b) for b in branches], axis=-1)
     return x[:, c.lookahead * c.time_stride :].astype(jnp.float32)
 
 
