@@ -261,9 +261,19 @@ class Dense1x1(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel, bias = ConvParams((1, 1, x.shape[-1], self.features), name='conv')()
-    y = jnp.matmul(
-      x.astype(self.dtype),
-      kernel[0, 0].astype(self.dtype),
-      precision=self.precision,
-    )
+    if x.ndim == 4:
+      y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype),
+        kernel.astype(self.dtype),
+        (1, 1),
+        'VALID',
+        dimension_numbers=_DIMS,
+        precision=self.precision,
+      )
+    else:
+      y = jnp.matmul(
+        x.astype(self.dtype),
+        kernel[0, 0].astype(self.dtype),
+        precision=self.precision,
+      )
     return y + bias.astype(self.dtype)
