@@ -8,8 +8,8 @@ trip, next to this machine's own float32 matmul rate measured in the same
 run. FLOPs come from XLA's cost analysis of the compiled functions. With
 `--official-python PY` it also times Google's implementation on the same job
 (benchmarks/official_codec_speed.py, run by PY, a Python that has the
-magenta-rt package) right after ours. With `--update-docs` the figures are
-written into docs/benchmarks.md.
+magenta-rt package), alternating calls of the two implementations. With
+`--update-docs` the figures are written into docs/benchmarks.md.
 """
 
 import argparse
@@ -137,7 +137,9 @@ def main():
     result['official'] = official(args)
     for name in ('encode', 'decode'):
       result[name]['speedup_vs_official'] = round(
-        result['official'][name]['seconds'] / result[name]['seconds'], 2
+        result['official']['official'][name]['seconds']
+        / result['official']['ours'][name]['seconds'],
+        2,
       )
   print(json.dumps(result, indent=1))
   if args.update_docs:
