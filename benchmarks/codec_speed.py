@@ -16,7 +16,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -116,7 +115,7 @@ def main():
     'device': str(jax.devices()[0].device_kind),
     'backend': jax.default_backend(),
     'cpu_count': os.cpu_count(),
-    'machine': platform.processor() or platform.machine(),
+    'machine': report.cpu_name(),
     'jax': jax.__version__,
     'date': datetime.date.today().isoformat(),
     'matmul_gflop_per_s': round(matmul_rate(), 1),

@@ -19,7 +19,6 @@ Build the corpus first: spectrostream-data fetch-debian-music /tmp/debian_music
 import datetime
 import json
 import os
-import platform
 import time
 
 from absl import app
@@ -133,17 +132,6 @@ faster than this CPU step).
 """
 
 
-def cpu_name() -> str:
-  try:
-    with open('/proc/cpuinfo', encoding='utf-8') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
 def main(argv):
   del argv
   source = sources.FileSource(_CORPUS.value, split='train')
@@ -159,7 +147,7 @@ def main(argv):
   best = max(r['audio_seconds_per_s'] for r in rates)
   result = {
     'date': datetime.date.today().isoformat(),
-    'machine': f'{cpu_name()}, {os.cpu_count()} cores, '
+    'machine': f'{report.cpu_name()}, {os.cpu_count()} cores, '
     f'{jax.local_device_count()} JAX device(s); load average '
     f'{os.getloadavg()[0]:.1f} at the end',
     'corpus': _CORPUS.value,

@@ -8,6 +8,7 @@ rewritten through a temporary file and a rename.
 import json
 import os
 import pathlib
+import platform
 import sys
 
 DOC = pathlib.Path(__file__).resolve().parents[1] / 'docs' / 'benchmarks.md'
@@ -28,6 +29,18 @@ def update_section(name: str, result: dict, render) -> None:
   os.replace(tmp, DOC)
 
 
+def cpu_name() -> str:
+  """The CPU model from /proc/cpuinfo, else what platform knows."""
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def command_line() -> str:
   return 'python ' + ' '.join(sys.argv)
 
@@ -38,12 +51,15 @@ def _official_rows(r: dict) -> list[str]:
   o = r['official']
   return [
     '',
-    f"Google's implementation ({o['implementation']}, same job, same run): ",
+    f"Against Google's implementation ({o['implementation']}): same job, same",
+    'weights, calls alternating between the two so that load from other jobs',
+    'hits both alike (`benchmarks/official_codec_speed.py`; codes equal: '
+    f'{o["codes_equal"]}):',
     '',
     '| path | official wall s | ours wall s | ours faster by |',
     '|---|---|---|---|',
     *(
-      f'| {n} | {o[n]["seconds"]} | {r[n]["seconds"]} | '
+      f'| {n} | {o["official"][n]["seconds"]} | {o["ours"][n]["seconds"]} | '
       f'{r[n]["speedup_vs_official"]}× |'
       for n in ('encode', 'decode')
     ),
@@ -68,8 +84,8 @@ def codec_speed_markdown(r: dict) -> str:
       f'## Codec speed: {r["preset"]}, {r["audio_seconds"]:g} s of 48 kHz '
       f'stereo, {r["levels"]}-level codes',
       '',
-      f'Machine: {r["cpu_count"]} × {r["machine"]} ({r["backend"]}, '
-      f'{r["device"]}), JAX {r["jax"]}, {r["date"]}. '
+      f'Machine: {r["machine"]}, {r["cpu_count"]} cores, JAX {r["jax"]} '
+      f'({r["backend"]}), {r["date"]}. '
       f'Command: `{command_line()}`.',
       '',
       f'float32 matmul rate measured in the same run: '

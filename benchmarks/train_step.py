@@ -1,0 +1,189 @@
+"""Speed and memory of one GAN training step on this machine.
+
+    python benchmarks/train_step.py [--batch 1] [--seconds 1.28] \
+        [--steps 3] [--update-docs]
+
+For the tiny model (gin/experiments/quickstart.gin) and the production
+model (gin/experiments/production_debian.gin): compile time, step time,
+audio-seconds per second, XLA's FLOP count of the compiled step and the
+achieved fraction of this machine's float32 matmul rate (measured in the
+same run), XLA's memory estimate and the process's peak RSS. Batches are
+random audio of `--batch` crops of `--seconds` plus the look-ahead frame,
+on one device. Prints one JSON object; `--update-docs` writes it into
+docs/benchmarks.md.
+"""
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import platform
+import resource
+import time
+
+import gin
+import jax
+import numpy as np
+
+from spectrostream_jax import step as step_lib
+from spectrostream_jax import train
+
+try:
+  from benchmarks import codec_speed
+  from benchmarks import report
+except ImportError:  # Run as a script from the repository root.
+  import codec_speed
+  import report
+
+EXPERIMENTS = {
+  'tiny': 'experiments/quickstart.gin',
+  'production': 'experiments/production_debian.gin',
+}
+
+
+def step_config(experiment: str) -> step_lib.StepConfig:
+  """The experiment's networks, losses and optimizers."""
+  gin.clear_config()
+  train.parse_gin([experiment], [])
+  config = gin.query_parameter('train.model').scoped_configurable_fn()
+  gin.clear_config()
+  return config
+
+
+def measure(config: step_lib.StepConfig, batch: int, seconds: float, steps):
+  codec = config.codec
+  frames = round(seconds * codec.frame_rate) + codec.lookahead
+  samples = frames * codec.samples_per_frame
+  wav = np.random.default_rng(0).uniform(-0.5, 0.5, (batch, samples, 2))
+  audio = {'audio': jax.device_put(wav.astype(np.float32))}
+
+  start = time.perf_counter()
+  init = jax.jit(functools.partial(step_lib.init_state, config))
+  state = jax.block_until_ready(init(0))
+  init_seconds = time.perf_counter() - start
+
+  start = time.perf_counter()
+  compiled = (
+    jax.jit(functools.partial(step_lib.train_step, config), donate_argnums=0)
+    .lower(state, audio)
+    .compile()
+  )
+  compile_seconds = time.perf_counter() - start
+  cost = compiled.cost_analysis()
+  flops = float((cost[0] if isinstance(cost, list) else cost)['flops'])
+  memory = compiled.memory_analysis()
+
+  state, _ = jax.block_until_ready(compiled(state, audio))  # Warm-up.
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    state, _ = jax.block_until_ready(compiled(state, audio))
+    times.append(time.perf_counter() - start)
+  best = min(times)
+  audio_seconds = batch * (frames - codec.lookahead) / codec.frame_rate
+  return {
+    'batch': batch,
+    'crop_seconds': round(samples / codec.sample_rate, 3),
+    'codec_params': sum(x.size for x in jax.tree.leaves(state.params)),
+    'disc_params': sum(x.size for x in jax.tree.leaves(state.disc_params)),
+    'init_seconds': round(init_seconds, 2),
+    'compile_seconds': round(compile_seconds, 2),
+    'step_seconds': round(best, 4),
+    'median_step_seconds': round(float(np.median(times)), 4),
+    'audio_seconds_per_second': round(audio_seconds / best, 4),
+    'gflop': round(flops / 1e9, 1),
+    'gflop_per_s': round(flops / best / 1e9, 1),
+    'xla_peak_gib': round(
+      (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        + memory.temp_size_in_bytes
+        - memory.alias_size_in_bytes
+      )
+      / 2**30,
+      3,
+    ),
+    'process_peak_rss_gib': round(
+      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3
+    ),
+  }
+
+
+def markdown(r: dict) -> str:
+  rows = [
+    '| model | batch × crop | step s | audio s/s | GFLOP | GFLOP/s |'
+    ' of matmul rate | compile s | XLA peak GiB | process RSS GiB |',
+    '|---|---|---|---|---|---|---|---|---|---|',
+  ]
+  for name in EXPERIMENTS:
+    m = r[name]
+    rows.append(
+      f'| {name} | {m["batch"]} × {m["crop_seconds"]} s | '
+      f'{m["step_seconds"]} | {m["audio_seconds_per_second"]} | '
+      f'{m["gflop"]} | {m["gflop_per_s"]} | '
+      f'{100 * m["fraction_of_matmul_rate"]:.0f} % | '
+      f'{m["compile_seconds"]} | {m["xla_peak_gib"]} | '
+      f'{m["process_peak_rss_gib"]} |'
+    )
+  return '\n'.join(
+    [
+      '## GAN train step',
+      '',
+      f'Machine: {r["cpu_count"]} × {r["machine"]} ({r["backend"]}, '
+      f'{r["device"]}), JAX {r["jax"]}, {r["date"]}. '
+      f'Command: `{report.command_line()}`.',
+      '',
+      'One update of codec and discriminators (forward, both losses, '
+      'both backward passes, EMA codebooks, Adam), on one device. '
+      f'float32 matmul rate measured in the same run: '
+      f'**{r["matmul_gflop_per_s"]} GFLOP/s**.',
+      '',
+      *rows,
+      '',
+      'Step time is the best of the timed steps after a warm-up; audio s/s '
+      'counts the reconstructed seconds (the look-ahead frame is input '
+      "only). FLOPs are XLA's cost analysis of the compiled step; XLA peak "
+      'is arguments + outputs + temporaries − donated buffers.',
+      '',
+      '<details><summary>JSON</summary>',
+      '',
+      '```json',
+      json.dumps(r, indent=1),
+      '```',
+      '</details>',
+    ]
+  )
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument('--batch', type=int, default=1)
+  ap.add_argument('--seconds', type=float, default=1.28)
+  ap.add_argument('--steps', type=int, default=3)
+  ap.add_argument('--update-docs', action='store_true')
+  args = ap.parse_args()
+
+  result = {
+    'benchmark': 'train_step',
+    'device': str(jax.devices()[0].device_kind),
+    'backend': jax.default_backend(),
+    'cpu_count': os.cpu_count(),
+    'machine': platform.processor() or platform.machine(),
+    'jax': jax.__version__,
+    'date': datetime.date.today().isoformat(),
+    'matmul_gflop_per_s': round(codec_speed.matmul_rate(), 1),
+  }
+  for name, experiment in EXPERIMENTS.items():
+    m = measure(step_config(experiment), args.batch, args.seconds, args.steps)
+    m['fraction_of_matmul_rate'] = round(
+      m['gflop_per_s'] / result['matmul_gflop_per_s'], 3
+    )
+    result[name] = m
+  print(json.dumps(result, indent=1))
+  if args.update_docs:
+    report.update_section('train_step', result, markdown)
+
+
+if __name__ == '__main__':
+  main()
