@@ -7,10 +7,10 @@ For the tiny model (gin/experiments/quickstart.gin) and the production
 model (gin/experiments/production_debian.gin): compile time, step time,
 audio-seconds per second, XLA's FLOP count of the compiled step and the
 achieved fraction of this machine's float32 matmul rate (measured in the
-same run), XLA's memory estimate and the process's peak RSS. Batches are
-random audio of `--batch` crops of `--seconds` plus the look-ahead frame,
-on one device. Prints one JSON object; `--update-docs` writes it into
-docs/benchmarks.md.
+same run, before and after), XLA's memory estimate and the process's peak
+RSS. Batches are random audio of `--batch` crops of `--seconds` plus the
+look-ahead frame, on one device. Prints one JSON object; `--update-docs`
+writes it into docs/benchmarks.md.
 """
 
 import argparse
@@ -18,14 +18,13 @@ import datetime
 import functools
 import json
 import os
-import platform
 import resource
 import time
 
-import gin
 import jax
 import numpy as np
 
+import gin
 from spectrostream_jax import step as step_lib
 from spectrostream_jax import train
 
@@ -169,17 +168,24 @@ def main():
     'device': str(jax.devices()[0].device_kind),
     'backend': jax.default_backend(),
     'cpu_count': os.cpu_count(),
-    'machine': platform.processor() or platform.machine(),
+    'machine': report.cpu_name(),
     'jax': jax.__version__,
     'date': datetime.date.today().isoformat(),
-    'matmul_gflop_per_s': round(codec_speed.matmul_rate(), 1),
   }
+  rates = [codec_speed.matmul_rate()]
   for name, experiment in EXPERIMENTS.items():
-    m = measure(step_config(experiment), args.batch, args.seconds, args.steps)
-    m['fraction_of_matmul_rate'] = round(
-      m['gflop_per_s'] / result['matmul_gflop_per_s'], 3
+    result[name] = measure(
+      step_config(experiment), args.batch, args.seconds, args.steps
     )
-    result[name] = m
+  rates.append(codec_speed.matmul_rate())
+  # Other load on the machine lowers both figures; the higher matmul rate
+  # gives the conservative fraction.
+  result['matmul_gflop_per_s'] = round(max(rates), 1)
+  result['matmul_gflop_per_s_before_after'] = [round(r, 1) for r in rates]
+  for name in EXPERIMENTS:
+    result[name]['fraction_of_matmul_rate'] = round(
+      result[name]['gflop_per_s'] / result['matmul_gflop_per_s'], 3
+    )
   print(json.dumps(result, indent=1))
   if args.update_docs:
     report.update_section('train_step', result, markdown)

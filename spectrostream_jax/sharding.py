@@ -1,0 +1,125 @@
+"""Device mesh and sharding rules of the trainer.
+
+The mesh has a 'data' axis and an 'fsdp' axis. Batches are split over
+both (every device gets different examples); parameters, optimizer states
+and EMAs are either replicated or split along one of their axes over
+'fsdp' (ZeRO-3 style: XLA gathers them where they are used). Which leaf
+gets what is decided by regex rules on the leaf's '/'-joined path in the
+train state, first match wins:
+
+    rules = (('.*/embedding', 'fsdp'), ('.*', 'replicate'))
+
+'fsdp' splits the leaf's largest axis that the fsdp size divides, when the
+leaf has at least `min_fsdp_size` elements; otherwise it is replicated.
+"""
+
+from collections.abc import Sequence
+import dataclasses
+import math
+import re
+
+import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from spectrostream_jax import optim
+
+# Mesh axes, and the axes a batch is split over.
+AXES = ('data', 'fsdp')
+BATCH_AXES = ('data', 'fsdp')
+ACTIONS = ('fsdp', 'replicate')
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Mesh shape and the parameter sharding rules."""
+
+  # Devices on the data axis; -1 takes all devices left after fsdp.
+  data: int = -1
+  fsdp: int = 1
+  rules: tuple[tuple[str, str], ...] = (('.*', 'fsdp'),)
+  # Smaller leaves stay replicated: splitting them saves nothing.
+  min_fsdp_size: int = 1 << 14
+
+  def __post_init__(self):
+    for pattern, action in self.rules:
+      re.compile(pattern)
+      if action not in ACTIONS:
+        raise ValueError(f'rule {pattern!r}: {action!r} not in {ACTIONS}')
+
+
+def make_mesh(
+  config: MeshConfig, devices: Sequence[jax.Device] | None = None
+) -> jax.sharding.Mesh:
+  """A ('data', 'fsdp') mesh over `devices` (default: all)."""
+  devices = jax.devices() if devices is None else list(devices)
+  n = len(devices)
+  data = n // config.fsdp if config.data == -1 else config.data
+  if data * config.fsdp != n:
+    raise ValueError(
+      f'mesh data={config.data} × fsdp={config.fsdp} does not fit {n} devices'
+    )
+  return jax.make_mesh(
+    (data, config.fsdp),
+    AXES,
+    axis_types=(jax.sharding.AxisType.Auto,) * len(AXES),
+    devices=devices,
+  )
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def partition_spec(
+  path: str, shape: Sequence[int], config: MeshConfig, fsdp_size: int
+) -> P:
+  """The PartitionSpec of one leaf under `config.rules`."""
+  action = next(
+    (a for pattern, a in config.rules if re.fullmatch(pattern, path)),
+    'replicate',
+  )
+  if (
+    action == 'replicate'
+    or fsdp_size == 1
+    or math.prod(shape) < config.min_fsdp_size
+  ):
+    return P()
+  divisible = [i for i, d in enumerate(shape) if d % fsdp_size == 0]
+  if not divisible:
+    return P()
+  axis = max(divisible, key=lambda i: shape[i])
+  return P(*[('fsdp' if i == axis else None) for i in range(len(shape))])
+
+
+def tree_shardings(mesh: jax.sharding.Mesh, tree, config: MeshConfig):
+  """NamedShardings for every leaf of `tree` (arrays or shape structs)."""
+  fsdp_size = mesh.shape['fsdp']
+  return jax.tree_util.tree_map_with_path(
+    lambda path, leaf: NamedSharding(
+      mesh,
+      partition_spec(optim.path_str(path), leaf.shape, config, fsdp_size),
+    ),
+    tree,
+  )
+
+
+def example_order(x: jax.Array, process_count: int) -> jax.Array:
+  """Puts a global batch assembled from per-process slices in example order.
+
+  With P processes, the data pipeline gives process p the examples
+  p, p + P, p + 2P, ... of each global batch, and the global array holds
+  the processes' rows one after the other. Inside `jit` this reorders the
+  rows to 0, 1, 2, ..., so every per-example random draw (quantizer
+  levels, bypass, k-means seeds) and so the whole run is the same for any
+  number of processes. Costs one all-to-all of the input batch.
+  """
+  if process_count == 1:
+    return x
+  per_process = x.shape[0] // process_count
+  x = x.reshape(process_count, per_process, *x.shape[1:])
+  return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])

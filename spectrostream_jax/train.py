@@ -1,0 +1,396 @@
+r"""`spectrostream-train`: GAN training of SpectroStream.
+
+    spectrostream-train --workdir=/tmp/quickstart \
+        --gin_file=experiments/quickstart.gin --gin.train.num_steps=2000
+
+Gin files live in the repository's gin/ folder (searched automatically)
+and bind frozen configs; only `train` is configurable here. Bindings come
+from `--gin_file`, `--gin_bindings='train.num_steps = 20'` and the
+shorthand `--gin.train.num_steps=20`. The operative config is written to
+WORKDIR/config.gin. A run resumes from WORKDIR/checkpoints by itself.
+Several hosts: `--distributed` lets JAX find the cluster (TPU pods, Slurm,
+...), or give --coordinator_address, --num_processes and --process_id.
+
+`train` reads top to bottom: mesh → data → shapes → shardings → init or
+restore → jitted step → loop → cleanup.
+"""
+
+import collections
+import dataclasses
+import functools
+import itertools
+import logging as std_logging
+import os
+import pathlib
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import gin
+from spectrostream_jax import checkpoint as checkpoint_lib
+from spectrostream_jax import sharding
+from spectrostream_jax import state as train_state
+from spectrostream_jax import step as step_lib
+from spectrostream_jax import train_logging
+from spectrostream_jax.data import pipeline
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory.', required=True)
+_GIN_FILES = flags.DEFINE_multi_string(
+  'gin_file', [], 'Gin files, relative to the cwd or to gin/.'
+)
+_GIN_BINDINGS = flags.DEFINE_multi_string(
+  'gin_bindings', [], "Gin bindings such as 'train.num_steps = 20'."
+)
+_DISTRIBUTED = flags.DEFINE_bool(
+  'distributed',
+  False,
+  'Start jax.distributed with cluster auto-detection (TPU pod, Slurm, ...).',
+)
+_COORDINATOR = flags.DEFINE_string(
+  'coordinator_address', None, 'host:port of process 0 (explicit multi-host).'
+)
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Process count.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process.')
+
+PACKAGE_DIR = str(pathlib.Path(__file__).resolve().parent)
+GIN_DIR = pathlib.Path(PACKAGE_DIR).parent / 'gin'
+
+
+def train(
+  workdir: str,
+  num_steps: int,
+  model: step_lib.StepConfig,
+  data: pipeline.PipelineConfig,
+  eval_data: pipeline.PipelineConfig | None,
+  mesh: sharding.MeshConfig,
+  checkpoint: checkpoint_lib.CheckpointConfig,
+  log_every: int = 50,
+  eval_every: int = 1000,
+  eval_batches: int = 4,
+  eval_kbps: tuple[float, ...] = (4.0, 8.0, 16.0),
+  audio_examples: int = 2,
+  seed: int = 0,
+) -> train_state.TrainState:
+  """Trains (or resumes) until `num_steps` updates; returns the state.
+
+  Args:
+    workdir: checkpoints/, tensorboard/ and config.gin go here.
+    num_steps: total updates of the run, counting those before a resume.
+    model: networks, losses and optimizers.
+    data: training batches (global batch size over all processes).
+    eval_data: the held-out set: its first `eval_batches` batches.
+    mesh: device mesh and parameter sharding rules.
+    checkpoint: save interval and retention.
+    log_every: steps between scalar logs and progress lines.
+    eval_every: steps between evals (0: none); the last step evaluates.
+    eval_batches: held-out batches per eval.
+    eval_kbps: bitrates of the eval (each a whole number of RVQ levels).
+    audio_examples: held-out examples logged as audio and spectrograms.
+    seed: parameters and training randomness.
+  """
+  codec = model.codec
+  levels = [codec.levels_for_kbps(k) for k in eval_kbps]
+  if eval_every and eval_data is None:
+    raise ValueError('eval_every > 0 needs eval_data')
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    pathlib.Path(workdir, 'config.gin').write_text(gin.operative_config_str())
+
+  # ---------------------------------------------------------------- Mesh
+  device_mesh = sharding.make_mesh(mesh)
+  processes = jax.process_count()
+  batch_sharding = sharding.batch_sharding(device_mesh)
+  replicated = sharding.replicated(device_mesh)
+  logging.info('mesh %s over %d processes', dict(device_mesh.shape), processes)
+
+  # ---------------------------------------------------------------- Data
+  for config in (data, eval_data) if eval_every else (data,):
+    if config.batch_size % device_mesh.size:
+      raise ValueError(
+        f'batch size {config.batch_size} does not split over '
+        f'{device_mesh.size} devices'
+      )
+
+  def global_audio(batch):
+    audio = {'audio': batch['audio']}
+    return pipeline.to_global_batch(audio, device_mesh, sharding.BATCH_AXES)
+
+  train_iter = iter(pipeline.make_dataset(data))
+  held_out = []
+  if eval_every:
+    eval_iter = iter(pipeline.make_dataset(eval_data))
+    held_out = [
+      global_audio(b) for b in itertools.islice(eval_iter, eval_batches)
+    ]
+
+  # ---------------------------------------------------------------- Shapes
+  init = functools.partial(step_lib.init_state, model)
+  abstract = jax.eval_shape(init, seed)
+  crop = data.audio.crop_samples
+  # Audio the codec reconstructs per step (the look-ahead is input only).
+  audio_seconds = (
+    data.batch_size
+    * codec.output_samples(codec.num_embeddings(crop))
+    / codec.sample_rate
+  )
+  batch_shape = {
+    'audio': jax.ShapeDtypeStruct(
+      (data.batch_size, crop, data.audio.num_channels),
+      jnp.float32,
+      sharding=batch_sharding,
+    )
+  }
+  num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
+  num_disc_params = sum(x.size for x in jax.tree.leaves(abstract.disc_params))
+  logging.info(
+    'codec %d parameters, discriminators %d; batch %d × %.3f s',
+    num_params,
+    num_disc_params,
+    data.batch_size,
+    crop / data.audio.sample_rate,
+  )
+
+  # ---------------------------------------------------------------- Shardings
+  state_sharding = sharding.tree_shardings(device_mesh, abstract, mesh)
+  abstract = jax.tree.map(
+    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+    abstract,
+    state_sharding,
+  )
+
+  # ---------------------------------------------------------------- Init
+  ckpt = checkpoint_lib.Checkpointer(
+    os.path.join(workdir, 'checkpoints'), checkpoint
+  )
+  restored = ckpt.restore(abstract, train_iter)
+  if restored is None:
+    state = jax.jit(init, out_shardings=state_sharding)(seed)
+    first_step = 0
+  else:
+    state, first_step = restored
+  record = {
+    'gin': gin.operative_config_str(),
+    'model': dataclasses.asdict(model),
+    'data': repr(data),
+  }
+
+  # ---------------------------------------------------------------- Step
+  def update(state, batch):
+    audio = sharding.example_order(batch['audio'], processes)
+    return step_lib.train_step(model, state, {'audio': audio})
+
+  def evaluate(params, batch):
+    wav = sharding.example_order(batch['audio'], processes)
+    metrics, recs = step_lib.evaluate(model, params, wav, levels)
+    means = {k: jnp.mean(v) for k, v in metrics.items()}
+    return means, wav[:audio_examples], recs[:, :audio_examples]
+
+  start = time.perf_counter()
+  train_step = (
+    jax.jit(
+      update,
+      in_shardings=(state_sharding, batch_sharding),
+      out_shardings=(state_sharding, replicated),
+      donate_argnums=(0,),
+    )
+    .lower(abstract, batch_shape)
+    .compile()
+  )
+  compile_seconds = time.perf_counter() - start
+  memory = train_step.memory_analysis()
+  cost = train_step.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  logging.info(
+    'step compiled in %.1f s: %.3g GFLOP; per device: arguments %.1f MiB, '
+    'outputs %.1f MiB, temporaries %.1f MiB',
+    compile_seconds,
+    float(cost.get('flops', 0.0)) / 1e9,
+    memory.argument_size_in_bytes / 2**20,
+    memory.output_size_in_bytes / 2**20,
+    memory.temp_size_in_bytes / 2**20,
+  )
+  eval_step = jax.jit(
+    evaluate,
+    in_shardings=(state_sharding.ema_params, {'audio': batch_sharding}),
+    out_shardings=replicated,
+  )
+
+  # ---------------------------------------------------------------- Loop
+  writer = train_logging.Writer(os.path.join(workdir, 'tensorboard'))
+  writer.scalars(first_step, {'perf/compile_seconds': compile_seconds})
+  progress = train_logging.Progress(first_step, num_steps)
+  skips = collections.Counter()
+  skipped = 0
+  for step in range(first_step + 1, num_steps + 1):
+    batch = next(train_iter)
+    skips.update(pipeline.skip_counts(batch))  # This process's share.
+    state, metrics = train_step(state, global_audio(batch))
+    progress.update(step)
+
+    if step % log_every == 0 or step in (first_step + 1, num_steps):
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      shown = ('g/mel', 'g/adv', 'g/feat', 'd/loss', 'vq/commit')
+      rate = progress.report(step, {k: metrics[k] for k in shown})
+      metrics['perf/steps_per_second'] = rate
+      metrics['perf/audio_seconds_per_second'] = rate * audio_seconds
+      metrics.update({f'data/skips/{r}': float(n) for r, n in skips.items()})
+      if metrics['train/skipped'] > skipped:
+        skipped = int(metrics['train/skipped'])
+        logging.warning(
+          'step %d: %d updates skipped so far (non-finite loss or gradient)',
+          step,
+          skipped,
+        )
+      writer.scalars(step, metrics)
+
+    eval_metrics = None
+    if eval_every and (step % eval_every == 0 or step == num_steps):
+      eval_metrics = _evaluate(
+        eval_step, state.ema_params, held_out, eval_kbps, codec, writer, step
+      )
+      progress.restart_clock()
+    preempted = ckpt.reached_preemption(step)
+    ckpt.save(
+      step,
+      state,
+      train_iter,
+      record,
+      metrics=eval_metrics,
+      force=preempted or eval_metrics is not None or step == num_steps,
+    )
+    if preempted:
+      logging.warning('stopping at step %d after a preemption notice', step)
+      break
+
+  # ---------------------------------------------------------------- Cleanup
+  progress.close()
+  ckpt.close()
+  writer.close()
+  return state
+
+
+def _evaluate(eval_step, params, held_out, kbps, codec, writer, step):
+  """Runs the held-out set; logs scalars, audio and spectrograms."""
+  totals = {}
+  for i, batch in enumerate(held_out):
+    means, refs, recs = jax.device_get(eval_step(params, batch))
+    for name, value in means.items():
+      totals[name] = totals.get(name, 0.0) + float(value) / len(held_out)
+    if i == 0:
+      _log_examples(writer, step, refs, recs, kbps, codec.sample_rate)
+  levels = [codec.levels_for_kbps(k) for k in kbps]
+  metrics = {}
+  for name in ('mel_distance', 'si_sdr'):
+    values = [totals[f'{name}/{n}'] for n in levels]
+    metrics.update(
+      {f'eval/{name}/{k:g}kbps': v for k, v in zip(kbps, values, strict=True)}
+    )
+    metrics[f'eval/{name}'] = float(np.mean(values))
+  writer.scalars(step, metrics)
+  writer.flush()
+  logging.info(
+    'eval at step %d: %s',
+    step,
+    ', '.join(f'{k} {v:.4g}' for k, v in metrics.items()),
+  )
+  return metrics
+
+
+def _log_examples(writer, step, refs, recs, kbps, sample_rate):
+  for i, ref in enumerate(refs):
+    clips = {'reference': ref[: recs.shape[2]]}
+    clips.update(
+      {f'{k:g}kbps': rec[i] for k, rec in zip(kbps, recs, strict=True)}
+    )
+    for name, wav in clips.items():
+      writer.audio(step, f'audio/{i}/{name}', wav, sample_rate)
+      writer.image(
+        step,
+        f'spectrogram/{i}/{name}',
+        train_logging.spectrogram_image(wav, sample_rate),
+      )
+
+
+def _start_processes() -> None:
+  """jax.distributed, when asked for; must precede every other JAX call."""
+  if _COORDINATOR.value:
+    jax.distributed.initialize(
+      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+    )
+  elif _DISTRIBUTED.value:
+    jax.distributed.initialize()
+
+
+def _quiet(record: std_logging.LogRecord) -> bool:
+  """At the default verbosity: our info lines and everyone's warnings."""
+  return (
+    record.levelno >= std_logging.WARNING
+    or record.pathname.startswith(PACKAGE_DIR)
+    or logging.get_verbosity() > logging.INFO
+  )
+
+
+def _not_a_search_miss(record: std_logging.LogRecord) -> bool:
+  """gin logs an error for each search path that lacks a file it finds."""
+  return record.module != 'resource_reader'
+
+
+def parse_gin(files: list[str], bindings: list[str]) -> None:
+  """Parses gin files (relative to the cwd or gin/) and bindings."""
+  gin.add_config_file_search_path(str(GIN_DIR))
+  root = std_logging.getLogger()
+  root.addFilter(_not_a_search_miss)
+  try:
+    gin.parse_config_files_and_bindings(files, bindings)
+  finally:
+    root.removeFilter(_not_a_search_miss)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_quiet)
+  _start_processes()
+  if jax.process_index() != 0:
+    logging.set_verbosity(logging.WARNING)
+  configured_train = gin.configurable(train)
+  parse_gin(_GIN_FILES.value, _GIN_BINDINGS.value)
+  state = configured_train(_WORKDIR.value)
+  logging.info(
+    'done: step %d, %d updates skipped',
+    int(state.step),
+    int(state.skipped),
+  )
+
+
+def gin_shorthand(argv: list[str]) -> list[str]:
+  """--gin.SELECTOR=VALUE -> --gin_bindings='SELECTOR = VALUE'."""
+  out = []
+  for arg in argv:
+    if arg.startswith('--gin.'):
+      selector, sep, value = arg[len('--gin.') :].partition('=')
+      if not sep:
+        raise app.UsageError(f'{arg}: write --gin.SELECTOR=VALUE')
+      arg = f'--gin_bindings={selector} = {value}'
+    out.append(arg)
+  return out
+
+
+def run() -> None:
+  """Console entry point."""
+  # Gin files import this module by name; under `python -m` it is __main__
+  # and must not be imported (and its flags defined) a second time. (The
+  # operative config then says `__main__.train`.)
+  sys.modules.setdefault('spectrostream_jax.train', sys.modules[__name__])
+  jax.config.config_with_absl()
+  app.run(main, argv=gin_shorthand(sys.argv))
+
+
+if __name__ == '__main__':
+  run()

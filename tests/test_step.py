@@ -1,0 +1,207 @@
+"""The GAN train step: it learns, skips bad updates, and keeps its contracts.
+
+On one device. The tiny codec with two small discriminator scales, on a
+fixed batch of two 3-frame clips of the synthetic music. Steps are compiled
+with LLVM optimisation off: it halves compile time and only changes
+rounding. Each test compiles its own step, and the checks that share a run
+share a test, so pytest-xdist never compiles a step twice.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from spectrostream_jax import losses
+from spectrostream_jax import optim
+from spectrostream_jax import step
+from spectrostream_jax.data import synthetic
+from spectrostream_jax.models import codec
+from spectrostream_jax.models import discriminator
+
+FAST_COMPILE = {'xla_backend_optimization_level': 0}
+DISC = discriminator.DiscriminatorConfig(
+  windows=(64, 128),
+  base_channels=4,
+  channel_multipliers=(1, 2),
+  strides=((1, 2), (1, 2)),
+)
+ADAM = optim.OptimizerConfig(learning_rate=1e-3)
+CONFIG = step.StepConfig(
+  codec=codec.tiny(),
+  discriminator=DISC,
+  generator_optimizer=ADAM,
+  discriminator_optimizer=ADAM,
+)
+OVERFIT_STEPS = 40
+# The mel loss falls by at least this factor in OVERFIT_STEPS steps.
+OVERFIT_FACTOR = 3.0
+
+
+def fixed_batch() -> dict[str, np.ndarray]:
+  """Two clips of 3 frames plus the look-ahead frame, peak 0.5."""
+  clips = [
+    synthetic.render(np.random.default_rng(seed), 4 * 1920) for seed in (1, 2)
+  ]
+  audio = np.stack([c / np.max(np.abs(c)) * 0.5 for c in clips])
+  return {'audio': audio.astype(np.float32)}
+
+
+def compile_step(config: step.StepConfig, state, batch):
+  return (
+    jax.jit(functools.partial(step.train_step, config), donate_argnums=(0,))
+    .lower(state, batch)
+    .compile(FAST_COMPILE)
+  )
+
+
+def init_state(config: step.StepConfig):
+  init = functools.partial(step.init_state, config)
+  return jax.jit(init).lower(0).compile(FAST_COMPILE)(0)
+
+
+def snapshot(tree):
+  return jax.tree.map(np.array, tree)
+
+
+def size(tree) -> int:
+  return sum(x.size for x in jax.tree.leaves(tree))
+
+
+def moments(opt_state) -> int:
+  """Elements of the optimizer's per-parameter arrays (not its counters)."""
+  return sum(x.size for x in jax.tree.leaves(opt_state) if x.ndim)
+
+
+def check_metrics(metrics):
+  levels = CONFIG.codec.quantizer.num_levels
+  for name in ('g/mel', 'g/adv', 'g/feat', 'd/loss', 'vq/commit'):
+    assert np.isfinite(metrics[name]), name
+  assert f'vq/usage/L{levels - 1:02d}' in metrics
+  assert f'vq/perplexity/L{levels - 1:02d}' in metrics
+  assert metrics['g/lr'] == pytest.approx(1e-3)
+  assert all(n.split('/')[0] in ('g', 'd', 'vq', 'train') for n in metrics)
+
+
+def check_ema_codebooks(before, after):
+  """After k-means (step 0): codebook = EMA sums / counts, no Adam moments."""
+  assert before.codebooks.initialized and after.codebooks.initialized
+  embedding = after.params['quantizer']['embedding']
+  counts = after.codebooks.counts
+  assert np.all(counts >= CONFIG.codec.quantizer.dead_code_threshold)
+  np.testing.assert_allclose(
+    embedding, after.codebooks.sums / counts[..., None], rtol=1e-3, atol=1e-6
+  )
+  assert not np.array_equal(embedding, before.params['quantizer']['embedding'])
+  assert moments(after.opt_state) == 2 * (size(after.params) - embedding.size)
+
+
+def check_ema_params(initial, first):
+  """Step 0 decays by min(0.999, 1 / 10): the EMA moves 90 % of the way."""
+  for name in ('encoder', 'decoder'):
+    for e, p, e0 in zip(
+      jax.tree.leaves(first.ema_params[name]),
+      jax.tree.leaves(first.params[name]),
+      jax.tree.leaves(initial.ema_params[name]),
+      strict=True,
+    ):
+      np.testing.assert_allclose(e, e0 + 0.9 * (p - e0), rtol=1e-5, atol=1e-7)
+
+
+def check_skips_non_finite(train_step, state, batch):
+  before = snapshot(state)
+  bad = {'audio': batch['audio'].copy()}
+  bad['audio'][0, 100, 0] = np.nan
+  state, metrics = train_step(state, bad)
+  after = snapshot(state)
+  assert not np.isfinite(metrics['g/total'])
+  assert int(after.step) == int(before.step) + 1
+  assert int(after.skipped) == int(before.skipped) + 1
+  for name in ('params', 'disc_params', 'opt_state', 'ema_params', 'codebooks'):
+    for a, b in zip(
+      jax.tree.leaves(getattr(after, name)),
+      jax.tree.leaves(getattr(before, name)),
+      strict=True,
+    ):
+      np.testing.assert_array_equal(a, b, err_msg=name)
+  # Training goes on with the next good batch.
+  state, metrics = train_step(state, batch)
+  assert np.isfinite(metrics['g/total'])
+  assert int(state.skipped) == int(after.skipped)
+  old = after.params['decoder']['output_layer']['base_conv_last']['conv']
+  new = state.params['decoder']['output_layer']['base_conv_last']['conv']
+  assert not np.array_equal(np.asarray(new['kernel']), old['kernel'])
+
+
+def test_overfits_one_batch_and_keeps_the_step_contracts():
+  batch = fixed_batch()
+  state = init_state(CONFIG)
+  train_step = compile_step(CONFIG, state, batch)
+  states, mels = [snapshot(state)], []
+  for i in range(OVERFIT_STEPS):
+    state, metrics = train_step(state, batch)
+    mels.append(float(metrics['g/mel']))
+    if i == 0:
+      check_metrics(jax.device_get(metrics))
+    if i < 2:
+      states.append(snapshot(state))
+
+  first, last = mels[0], np.mean(mels[-5:])
+  print(f'g/mel: first {first:.1f}, mean of the last 5 {last:.1f}')
+  assert last * OVERFIT_FACTOR < first, mels
+  assert int(state.skipped) == 0 and int(state.step) == OVERFIT_STEPS
+  check_ema_codebooks(states[1], states[2])
+  check_ema_params(states[0], states[1])
+  check_skips_non_finite(train_step, state, batch)
+
+
+def test_bf16_compute_matches_f32():
+  """Same parameters and audio: the mel loss agrees to bf16 precision."""
+  batch = fixed_batch()['audio']
+  params = codec.init_params(CONFIG.codec, jax.random.key(0))
+
+  def mel(config):
+    def loss(params, wav):
+      model = codec.SpectroStream(config)
+      rec = model.apply({'params': params}, wav, 8, method=model.reconstruct)
+      return losses.multiscale_mel_loss(
+        losses.align_to_reconstruction(wav, rec), rec
+      )
+
+    return float(
+      jax.jit(loss).lower(params, batch).compile(FAST_COMPILE)(params, batch)
+    )
+
+  bf16 = dataclasses.replace(CONFIG.codec, dtype='bfloat16')
+  assert mel(bf16) == pytest.approx(mel(CONFIG.codec), rel=0.02)
+
+
+def test_bf16_step_with_gradient_codebooks():
+  """bf16 convolutions keep f32 parameters; codebooks learn by Adam."""
+  quantizer = dataclasses.replace(
+    CONFIG.codec.quantizer, codebook_learning='gradient'
+  )
+  config = dataclasses.replace(
+    CONFIG,
+    codec=dataclasses.replace(
+      CONFIG.codec, dtype='bfloat16', quantizer=quantizer
+    ),
+    discriminator=dataclasses.replace(DISC, dtype='bfloat16'),
+    loss=dataclasses.replace(CONFIG.loss, codebook_weight=1.0),
+  )
+  batch = fixed_batch()
+  state = init_state(config)
+  train_step = compile_step(config, state, batch)
+  embeddings = []
+  for _ in range(3):
+    state, metrics = train_step(state, batch)
+    embeddings.append(np.array(state.params['quantizer']['embedding']))
+    assert np.isfinite(metrics['g/total']) and np.isfinite(metrics['d/loss'])
+  assert int(state.skipped) == 0
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(state.params))
+  # Step 0 sets the codebooks by k-means, later steps by gradient.
+  assert bool(state.codebooks.initialized)
+  assert not np.array_equal(embeddings[1], embeddings[2])
+  assert moments(state.opt_state) == 2 * size(state.params)
