@@ -135,8 +135,10 @@ def markdown(r: dict) -> str:
       '',
       'One update of codec and discriminators (forward, both losses, '
       'both backward passes, EMA codebooks, Adam), on one device. '
-      f'float32 matmul rate measured in the same run: '
-      f'**{r["matmul_gflop_per_s"]} GFLOP/s**.',
+      'float32 matmul rate measured in the same run: '
+      f'**{r["matmul_gflop_per_s"]} GFLOP/s** (the higher of '
+      f'{" before and ".join(map(str, r["matmul_gflop_per_s_before_after"]))}'
+      ' after the steps).',
       '',
       *rows,
       '',
