@@ -13,7 +13,6 @@ magenta-rt package), alternating calls of the two implementations. With
 """
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -112,12 +111,7 @@ def main():
     'preset': args.preset,
     'audio_seconds': args.seconds,
     'levels': levels,
-    'device': str(jax.devices()[0].device_kind),
-    'backend': jax.default_backend(),
-    'cpu_count': os.cpu_count(),
-    'machine': report.cpu_name(),
-    'jax': jax.__version__,
-    'date': datetime.date.today().isoformat(),
+    **report.environment(),
     'matmul_gflop_per_s': round(matmul_rate(), 1),
   }
   for name, fn, x in (

@@ -6,7 +6,7 @@
 Measures examples/s and audio-seconds/s of the real-corpus pipeline
 (default crops, train split) with 0, 1 and 2 grain workers, the first
 batch (worker start-up) excluded. Next to it, it estimates what one
-training step consumes: the trainer does not exist yet, so it times the
+training step consumes, as a quick proxy that needs no gin config: the
 forward and backward pass of the production generator (L1 loss on the
 reconstruction; no discriminators, no optimiser) on this machine's
 default JAX device for a small batch, and converts that into audio-seconds
@@ -120,9 +120,10 @@ Corpus: `{result['corpus']}` (train split), batches of
 |---|---|---|---|
 {rows}
 
-What one training step consumes, as an **estimate** (there is no trainer
-yet): forward and backward of the production generator, L1 loss, no
-discriminators, no optimiser update, batch {step['batch']} on
+What one training step consumes, as an **estimate**: forward and
+backward of the production generator, L1 loss, no discriminators, no
+optimiser update (the full GAN step is measured under "GAN train
+step"), batch {step['batch']} on
 {step['device']}: {step['step_s']} s per step, so
 {step['audio_seconds_per_s_per_device']} audio-s/s per device.
 The best pipeline setting delivers {result['headroom']}× that (target:

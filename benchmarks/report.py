@@ -41,6 +41,42 @@ def cpu_name() -> str:
   return platform.processor() or platform.machine()
 
 
+def environment() -> dict:
+  """Where and when a figure was measured, for every benchmark's JSON."""
+  import datetime
+
+  import jax
+
+  return {
+    'device': str(jax.devices()[0].device_kind),
+    'backend': jax.default_backend(),
+    'cpu_count': os.cpu_count(),
+    'machine': cpu_name(),
+    'jax': jax.__version__,
+    'date': datetime.date.today().isoformat(),
+  }
+
+
+def json_details(r: dict) -> list[str]:
+  """The raw JSON of a result as a folded Markdown block."""
+  return [
+    '<details><summary>JSON</summary>',
+    '',
+    '```json',
+    json.dumps(r, indent=1),
+    '```',
+    '</details>',
+  ]
+
+
+def machine_line(r: dict) -> str:
+  """'Machine: …, date. Command: `…`.' for a result from environment()."""
+  return (
+    f'Machine: {r["machine"]}, {r["cpu_count"]} cores, JAX {r["jax"]} '
+    f'({r["backend"]}), {r["date"]}. Command: `{command_line()}`.'
+  )
+
+
 def command_line() -> str:
   return 'python ' + ' '.join(sys.argv)
 
@@ -84,9 +120,7 @@ def codec_speed_markdown(r: dict) -> str:
       f'## Codec speed: {r["preset"]}, {r["audio_seconds"]:g} s of 48 kHz '
       f'stereo, {r["levels"]}-level codes',
       '',
-      f'Machine: {r["machine"]}, {r["cpu_count"]} cores, JAX {r["jax"]} '
-      f'({r["backend"]}), {r["date"]}. '
-      f'Command: `{command_line()}`.',
+      machine_line(r),
       '',
       f'float32 matmul rate measured in the same run: '
       f'**{r["matmul_gflop_per_s"]} GFLOP/s**.',
@@ -97,11 +131,6 @@ def codec_speed_markdown(r: dict) -> str:
       'RTF = wall time / audio duration (best of the repeats, after '
       "compilation). FLOPs are XLA's cost analysis of the compiled call.",
       '',
-      '<details><summary>JSON</summary>',
-      '',
-      '```json',
-      json.dumps(r, indent=1),
-      '```',
-      '</details>',
+      *json_details(r),
     ]
   )

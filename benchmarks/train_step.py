@@ -14,10 +14,8 @@ writes it into docs/benchmarks.md.
 """
 
 import argparse
-import datetime
 import functools
 import json
-import os
 import resource
 import time
 
@@ -129,9 +127,7 @@ def markdown(r: dict) -> str:
     [
       '## GAN train step',
       '',
-      f'Machine: {r["cpu_count"]} × {r["machine"]} ({r["backend"]}, '
-      f'{r["device"]}), JAX {r["jax"]}, {r["date"]}. '
-      f'Command: `{report.command_line()}`.',
+      report.machine_line(r),
       '',
       'One update of codec and discriminators (forward, both losses, '
       'both backward passes, EMA codebooks, Adam), on one device. '
@@ -147,12 +143,7 @@ def markdown(r: dict) -> str:
       "only). FLOPs are XLA's cost analysis of the compiled step; XLA peak "
       'is arguments + outputs + temporaries − donated buffers.',
       '',
-      '<details><summary>JSON</summary>',
-      '',
-      '```json',
-      json.dumps(r, indent=1),
-      '```',
-      '</details>',
+      *report.json_details(r),
     ]
   )
 
@@ -165,15 +156,7 @@ def main():
   ap.add_argument('--update-docs', action='store_true')
   args = ap.parse_args()
 
-  result = {
-    'benchmark': 'train_step',
-    'device': str(jax.devices()[0].device_kind),
-    'backend': jax.default_backend(),
-    'cpu_count': os.cpu_count(),
-    'machine': report.cpu_name(),
-    'jax': jax.__version__,
-    'date': datetime.date.today().isoformat(),
-  }
+  result = {'benchmark': 'train_step', **report.environment()}
   rates = [codec_speed.matmul_rate()]
   for name, experiment in EXPERIMENTS.items():
     result[name] = measure(
