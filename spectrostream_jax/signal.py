@@ -70,10 +70,14 @@ def stft(
   return feat.astype(wav.dtype)
 
 
-def istft(
+def synthesis_frames(
   features: jax.Array, frame_length: int = 960, hop_length: int = 480
 ) -> jax.Array:
-  """Features [B, F, frame/2, 2C] -> waveform [B, F·hop, C] (SPEC §2)."""
+  """Features [B, F, frame/2, 2C] -> windowed frames [B, F, per, hop, C].
+
+  `per` = frame/hop parts of each frame; overlap-add sums part i of frame
+  j - i into output block j.
+  """
   b, f, k, c2 = features.shape
   c = c2 // 2
   feat = features.reshape(b, f, k, c, 2)
@@ -83,13 +87,35 @@ def istft(
   window = synthesis_window(frame_length, hop_length)
   frames = frames * jnp.asarray(window, features.dtype)[:, None]
   per = frame_length // hop_length
-  parts = frames.reshape(b, f, per, hop_length, c)
-  # Output block j sums part i of frame j - i.
-  out = parts[:, :, 0]
-  for i in range(1, per):
-    shifted = jnp.pad(parts[:, :, i], ((0, 0), (i, 0), (0, 0), (0, 0)))
-    out = out + shifted[:, :f]
-  return out.reshape(b, f * hop_length, c).astype(features.dtype)
+  return frames.reshape(b, f, per, hop_length, c)
+
+
+def overlap_add(
+  parts: jax.Array, carry: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+  """Parts [B, F, per, hop, C] -> (blocks [B, F·hop, C], new carry).
+
+  `carry` [B, per - 1, hop, C] holds what earlier frames add to the first
+  per - 1 blocks (zeros at the start of a signal); the new carry is what
+  these frames add past their last block.
+  """
+  b, f, per, hop, c = parts.shape
+  # Block j of the padded range sums part i of frame j - i.
+  padded = jnp.zeros((b, f + per - 1, hop, c), parts.dtype)
+  for i in range(per):
+    padded = padded.at[:, i : i + f].add(parts[:, :, i])
+  if carry is not None:
+    padded = padded.at[:, : per - 1].add(carry)
+  out = padded[:, :f].reshape(b, f * hop, c)
+  return out, padded[:, f:]
+
+
+def istft(
+  features: jax.Array, frame_length: int = 960, hop_length: int = 480
+) -> jax.Array:
+  """Features [B, F, frame/2, 2C] -> waveform [B, F·hop, C] (SPEC §2)."""
+  parts = synthesis_frames(features, frame_length, hop_length)
+  return overlap_add(parts)[0].astype(features.dtype)
 
 
 def hz_to_mel(hz):

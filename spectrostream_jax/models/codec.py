@@ -189,19 +189,52 @@ class _MLPBranch(nn.Module):
     )
 
 
+def _split_channels(x: jax.Array, n: int, fold: bool) -> list[jax.Array]:
+  """Per-audio-channel branches of `x` (split on the feature axis).
+
+  Folded, the branches are stacked on the batch axis as one array, so a
+  shared-weight module runs once (and, streaming, keeps one history).
+  """
+  if not fold:
+    return jnp.split(x, n, axis=-1)
+  b, t, f, c = x.shape
+  x = x.reshape(b, t, f, n, c // n)
+  return [jnp.moveaxis(x, 3, 0).reshape(n * b, t, f, c // n)]
+
+
+def _merge_channels(branches: list[jax.Array], n: int, fold: bool) -> jax.Array:
+  """Inverse of `_split_channels`: branches concatenated on features."""
+  if not fold:
+    return jnp.concatenate(branches, axis=-1)
+  (x,) = branches
+  nb, t, f, c = x.shape
+  x = jnp.moveaxis(x.reshape(n, nb // n, t, f, c), 0, 3)
+  return x.reshape(nb // n, t, f, n * c)
+
+
 class Encoder(nn.Module):
-  """STFT features [B, T_f, bins, 2C] -> embeddings [B, ceil(T_f/4), D]."""
+  """STFT features [B, T_f, bins, 2C] -> embeddings [B, ceil(T_f/4), D].
+
+  `streaming`: consecutive chunks of whole embeddings (4 STFT frames each,
+  the last chunk may be ragged); conv histories live in `stream`.
+  """
 
   config: CodecConfig
+  streaming: bool = False
 
   @nn.compact
   def __call__(self, features: jax.Array) -> jax.Array:
     c = self.config
     dtype = jnp.dtype(c.dtype)
+    n, fold = c.num_channels, self.streaming
     # Branches share weights: one module applied to each audio channel.
-    branches = jnp.split(features, c.num_channels, axis=-1)
+    branches = _split_channels(features, n, fold)
     base = layers.CausalConv2D(
-      c.encoder_base_channels, (7, 7), name='base_conv_first', dtype=dtype
+      c.encoder_base_channels,
+      (7, 7),
+      name='base_conv_first',
+      dtype=dtype,
+      streaming=self.streaming,
     )
     branches = [base(b) for b in branches]
     units = [
@@ -213,12 +246,15 @@ class Encoder(nn.Module):
     units.append(('bottleneck', c.bottleneck_channels, (1, 1)))
     for i, (name, ch, stride) in enumerate(units):
       if i == c.fusion_block:
-        branches = [jnp.concatenate(branches, axis=-1)]
-      unit = layers.EncoderUnit(ch, stride, name=name, dtype=dtype)
+        branches = [_merge_channels(branches, n, fold)]
+        fold = False
+      unit = layers.EncoderUnit(
+        ch, stride, name=name, dtype=dtype, streaming=self.streaming
+      )
       branches = [unit(b) for b in branches]
-    x = jnp.concatenate(branches, axis=-1)
-    b, n, f, ch = x.shape
-    x = x.reshape(b, n, f * ch)
+    x = _merge_channels(branches, n, fold)
+    b, t, f, ch = x.shape
+    x = x.reshape(b, t, f * ch)
     x = ResidualMLP(
       c.embedding_dim,
       hidden=f * ch,
@@ -233,23 +269,35 @@ class Encoder(nn.Module):
 class _OutputLayer(nn.Module):
   features: int
   dtype: jnp.dtype = jnp.float32
+  streaming: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     return layers.CausalConv2D(
-      self.features, (7, 7), name='base_conv_last', dtype=self.dtype
+      self.features,
+      (7, 7),
+      name='base_conv_last',
+      dtype=self.dtype,
+      streaming=self.streaming,
     )(nn.elu(x))
 
 
 class Decoder(nn.Module):
-  """Embeddings [B, N, D] -> STFT features [B, 4(N - lookahead), bins, 2C]."""
+  """Embeddings [B, N, D] -> STFT features [B, 4(N - lookahead), bins, 2C].
+
+  `streaming`: consecutive chunks of embeddings -> [B, 4N, bins, 2C]; the
+  caller drops the first 4·lookahead frames of the stream.
+  """
 
   config: CodecConfig
+  streaming: bool = False
 
   @nn.compact
   def __call__(self, emb: jax.Array) -> jax.Array:
     c = self.config
     dtype = jnp.dtype(c.dtype)
+    n, fold = c.num_channels, self.streaming
+    unit_args = dict(dtype=dtype, streaming=self.streaming)
     joint = c.decoder_input_channels
     x = ResidualMLP(
       c.latent_bins * joint,
@@ -259,35 +307,39 @@ class Decoder(nn.Module):
       dtype=dtype,
       name='input_layer',
     )(emb)
-    b, n, _ = x.shape
-    x = x.reshape(b, n, c.latent_bins, joint)
+    b, t, _ = x.shape
+    x = x.reshape(b, t, c.latent_bins, joint)
     x = layers.DecoderUnit(
-      joint, (1, 1), name='input_layers_residual_unit', dtype=dtype
+      joint, (1, 1), name='input_layers_residual_unit', **unit_args
     )(x)
     branches = [x]
     if c.split_block == -1:
-      branches = jnp.split(x, c.num_channels, axis=-1)
+      branches = _split_channels(x, n, fold)
     for i, (ch, stride) in enumerate(
       zip(c.decoder_channels, c.decoder_strides, strict=True)
     ):
-      out = ch * c.num_channels if i <= c.split_block else ch
-      unit = layers.DecoderUnit(out, stride, name=f'decoder_{i}', dtype=dtype)
+      out = ch * n if i <= c.split_block else ch
+      unit = layers.DecoderUnit(out, stride, name=f'decoder_{i}', **unit_args)
       branches = [unit(b) for b in branches]
       if i == c.split_block:
-        branches = jnp.split(branches[0], c.num_channels, axis=-1)
-    head = _OutputLayer(2, dtype=dtype, name='output_layer')
-    x = jnp.concatenate([head(b) for b in branches], axis=-1)
-    return x[:, c.lookahead * c.time_stride :].astype(jnp.float32)
+        branches = _split_channels(branches[0], n, fold)
+    head = _OutputLayer(2, name='output_layer', **unit_args)
+    x = _merge_channels([head(b) for b in branches], n, fold)
+    if not self.streaming:
+      x = x[:, c.lookahead * c.time_stride :]
+    return x.astype(jnp.float32)
 
 
 class SpectroStream(nn.Module):
   """The codec: waveform <-> embeddings <-> RVQ codes."""
 
   config: CodecConfig
+  # Chunk-by-chunk mode of `encoder` and `decoder`; see streaming.py.
+  streaming: bool = False
 
   def setup(self):
-    self.encoder = Encoder(self.config)
-    self.decoder = Decoder(self.config)
+    self.encoder = Encoder(self.config, self.streaming)
+    self.decoder = Decoder(self.config, self.streaming)
     self.quantizer = rvq.ResidualVectorQuantizer(self.config.quantizer)
 
   def _channels(self, wav: jax.Array) -> jax.Array:

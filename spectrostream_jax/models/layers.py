@@ -4,6 +4,12 @@ Activations are NHWC with H = time and W = frequency. Time is causal at the
 granularity of the stride ("semicausal"): an output frame never sees input
 beyond the end of its own stride block. Every conv parameter lives at
 `<layer>/conv/{kernel,bias}`, the official checkpoint layout.
+
+With `streaming=True` a layer sees consecutive chunks of one long sequence
+(each a whole number of its time stride, except a final ragged one) and
+keeps the input frames its next chunk needs in the `stream` collection
+(SPEC §8). A zero history is exactly the whole-sequence zero padding, so the
+chunked outputs equal the whole-sequence ones.
 """
 
 import flax.linen as nn
@@ -38,6 +44,19 @@ def _pad_time_to_multiple(x: jax.Array, stride: int) -> jax.Array:
   return x
 
 
+def _with_history(module: nn.Module, x: jax.Array, frames: int) -> jax.Array:
+  """Prepends the last `frames` input frames of the previous chunk."""
+  if frames == 0:
+    return x
+  b, _, f, c = x.shape
+  history = module.variable(
+    'stream', 'history', jnp.zeros, (b, frames, f, c), x.dtype
+  )
+  x = jnp.concatenate([history.value, x], axis=1)
+  history.value = x[:, -frames:]
+  return x
+
+
 class ConvParams(nn.Module):
   """Holds one conv's kernel [kt, kf, in, out] and bias (the `conv` leaf)."""
 
@@ -63,6 +82,7 @@ class CausalConv2D(nn.Module):
   strides: Stride = (1, 1)
   dtype: jnp.dtype = jnp.float32
   precision: jax.lax.Precision | str | None = None
+  streaming: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -71,12 +91,16 @@ class CausalConv2D(nn.Module):
     kernel, bias = ConvParams(
       (kt, kf, x.shape[-1], self.features), name='conv'
     )()
-    x = _pad_time_to_multiple(x, st)
+    x = _pad_time_to_multiple(x.astype(self.dtype), st)
+    pad_t = time_padding(kt, st)
+    if self.streaming:
+      x = _with_history(self, x, pad_t[0])
+      pad_t = (0, 0)
     y = jax.lax.conv_general_dilated(
-      x.astype(self.dtype),
+      x,
       kernel.astype(self.dtype),
       window_strides=(st, sf),
-      padding=(time_padding(kt, st), freq_padding(kf, sf)),
+      padding=(pad_t, freq_padding(kf, sf)),
       dimension_numbers=_DIMS,
       precision=self.precision,
     )
@@ -131,6 +155,7 @@ class CausalConvTranspose2D(nn.Module):
   strides: Stride
   dtype: jnp.dtype = jnp.float32
   precision: jax.lax.Precision | str | None = None
+  streaming: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -140,16 +165,32 @@ class CausalConvTranspose2D(nn.Module):
     kernel, bias = ConvParams((kt, kf, cin, self.features), name='conv')()
     kernel = kernel.astype(self.dtype)
     x = x.astype(self.dtype)
-    # Time phases are fused into channels; frequency phases are separate
-    # convs (fusing them too multiplies zero taps and measured slower).
+    # Input frames before q that output block q reads, and after it.
+    taps = _phase_taps(kt, st, kt - 1)
+    past = -min(off for _, off, _ in taps)
+    future = max(off + n for _, off, n in taps) - 1
+    pad_t = (past, future)
+    if self.streaming:
+      if future:
+        raise ValueError(f'transposed conv {self.kernel_size} is not causal')
+      x = _with_history(self, x, past)
+      pad_t = (0, 0)
+      # The re-laid-out kernels cost a copy of the weights per call, which
+      # a 40 ms step cannot amortise: computed once, kept in `prepared`.
+      kernels = self.variable(
+        'prepared', 'phase_kernels', self._phase_kernels, kernel
+      ).value
+    else:
+      kernels = self._phase_kernels(kernel)
     outs = []
-    for j0, off, n in _phase_taps(kf, sf, kf - 2):
-      dense, lo = _time_fused_kernel(kernel[:, j0::sf], st)
+    for dense, (_, off, n) in zip(
+      kernels, _phase_taps(kf, sf, kf - 2), strict=True
+    ):
       y = jax.lax.conv_general_dilated(
         x,
         dense,
         window_strides=(1, 1),
-        padding=((-lo, dense.shape[0] - 1 + lo), (-off, n - 1 + off)),
+        padding=(pad_t, (-off, n - 1 + off)),
         dimension_numbers=_DIMS,
         precision=self.precision,
       )
@@ -159,6 +200,19 @@ class CausalConvTranspose2D(nn.Module):
       b, t * st, f * sf, self.features
     )
     return y + bias.astype(self.dtype)
+
+  def _phase_kernels(self, kernel: jax.Array) -> list[jax.Array]:
+    """One stride-1 kernel per frequency phase, time phases fused.
+
+    Time phases become output channels; frequency phases stay separate
+    convs (fusing them too multiplies zero taps and measured slower).
+    """
+    st, sf = self.strides
+    kf = self.kernel_size[1]
+    return [
+      _time_fused_kernel(kernel[:, j0::sf], st)[0]
+      for j0, _, _ in _phase_taps(kf, sf, kf - 2)
+    ]
 
 
 def avg_pool(x: jax.Array, stride: Stride) -> jax.Array:
@@ -184,12 +238,15 @@ class EncoderUnit(nn.Module):
   strides: Stride
   dtype: jnp.dtype = jnp.float32
   precision: jax.lax.Precision | str | None = None
+  streaming: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cin = x.shape[-1]
     kt, kf = resample_kernel(self.strides)
-    conv = dict(dtype=self.dtype, precision=self.precision)
+    conv = dict(
+      dtype=self.dtype, precision=self.precision, streaming=self.streaming
+    )
     y = CausalConv2D(cin, (3, 3), name='conv2d_3x3', **conv)(nn.elu(x))
     y = CausalConv2D(
       self.features, (kt, kf), self.strides, name=f'conv2d_{kt}x{kf}_a', **conv
@@ -197,7 +254,10 @@ class EncoderUnit(nn.Module):
     shortcut = avg_pool(x.astype(self.dtype), self.strides)
     if cin != self.features:
       shortcut = ShortcutProjection(
-        self.features, name='shortcut_layer', **conv
+        self.features,
+        name='shortcut_layer',
+        dtype=self.dtype,
+        precision=self.precision,
       )(shortcut)
     return y + shortcut
 
@@ -209,10 +269,13 @@ class DecoderUnit(nn.Module):
   strides: Stride
   dtype: jnp.dtype = jnp.float32
   precision: jax.lax.Precision | str | None = None
+  streaming: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    conv = dict(dtype=self.dtype, precision=self.precision)
+    conv = dict(
+      dtype=self.dtype, precision=self.precision, streaming=self.streaming
+    )
     if self.strides == (1, 1):
       y = CausalConv2D(self.features, (3, 3), name='conv2d_3x3_a', **conv)(
         nn.elu(x)
@@ -232,7 +295,10 @@ class DecoderUnit(nn.Module):
     shortcut = x.astype(self.dtype)
     if x.shape[-1] != self.features:
       shortcut = ShortcutProjection(
-        self.features, name='shortcut_layer', **conv
+        self.features,
+        name='shortcut_layer',
+        dtype=self.dtype,
+        precision=self.precision,
       )(shortcut)
     return y + upsample_nearest(shortcut, self.strides)
 

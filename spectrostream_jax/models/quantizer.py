@@ -56,24 +56,49 @@ def default_dropout_levels(num_levels: int) -> tuple[int, ...]:
   return tuple(levels)
 
 
-def nearest_code(residual: jax.Array, codebook: jax.Array) -> jax.Array:
-  """Index of the nearest code (squared Euclidean) for each row, [..., D]."""
+def code_norms(codebook: jax.Array) -> jax.Array:
+  """||c||² of every code, [..., K, D] -> [..., K]."""
+  return jnp.sum(codebook * codebook, axis=-1)
+
+
+def nearest_code(
+  residual: jax.Array, codebook: jax.Array, sq_norms: jax.Array | None = None
+) -> jax.Array:
+  """Index of the nearest code (squared Euclidean) for each row, [..., D].
+
+  `sq_norms`: `code_norms(codebook)` when the caller has it already.
+  """
   # ||r||² is constant per row and does not change the argmin.
-  sq_norms = jnp.sum(codebook * codebook, axis=-1)
+  if sq_norms is None:
+    sq_norms = code_norms(codebook)
   scores = sq_norms - 2.0 * jnp.einsum(
     '...d,kd->...k', residual, codebook, precision='highest'
   )
   return jnp.argmin(scores, axis=-1).astype(jnp.int32)
 
 
-def encode(codebooks: jax.Array, z: jax.Array, num_levels: int) -> jax.Array:
-  """Codes [..., num_levels] (int32) of embeddings z [..., D]."""
+def encode(
+  codebooks: jax.Array,
+  z: jax.Array,
+  num_levels: int,
+  sq_norms: jax.Array | None = None,
+) -> jax.Array:
+  """Codes [..., num_levels] (int32) of embeddings z [..., D].
 
-  def level(residual, codebook):
-    code = nearest_code(residual, codebook)
+  `sq_norms` [levels, K]: precomputed `code_norms(codebooks)`, which saves a
+  pass over the codebooks when encoding one frame at a time.
+  """
+  if sq_norms is None:
+    sq_norms = code_norms(codebooks)
+
+  def level(residual, level_args):
+    codebook, norms = level_args
+    code = nearest_code(residual, codebook, norms)
     return residual - jnp.take(codebook, code, axis=0), code
 
-  _, codes = jax.lax.scan(level, z, codebooks[:num_levels])
+  _, codes = jax.lax.scan(
+    level, z, (codebooks[:num_levels], sq_norms[:num_levels])
+  )
   return jnp.moveaxis(codes, 0, -1)
 
 
