@@ -217,9 +217,11 @@ def _codec_parts(codec) -> tuple[codec_lib.CodecConfig, dict]:
 class StreamingEncoder:
   """Audio pushed in any chunks -> codes (or embeddings) as frames complete.
 
-  A code frame m is emitted once sample 1920·m + 2399 has been pushed: the
-  encoder adds one frame (40 ms) of latency plus the STFT's 10 ms overhang.
-  `flush()` ends the stream (the ragged last frame included) and resets.
+  With `frames_per_step=1` (real time), code frame m is emitted once
+  sample 1920·m + 2399 has been pushed: the encoder adds one frame (40 ms)
+  of latency plus the STFT's 10 ms overhang. Larger steps trade latency
+  for throughput (whole files). `flush()` ends the stream, ragged last
+  frame included, and resets.
   """
 
   def __init__(
@@ -263,23 +265,24 @@ class StreamingEncoder:
     self.frames_out = 0
 
   def push(self, wav) -> np.ndarray:
-    """wav float32 [B, T, C] -> codes [B, k, levels] (or emb [B, k, D])."""
+    """wav float32 [B, T, C] -> codes [B, k, levels] (or emb [B, k, D]).
+
+    Frames are computed `frames_per_step` at a time, once all of them are
+    complete; `flush()` computes what is left.
+    """
     wav = self._check(wav)
     if self._buffer is None:
       self._buffer = wav
     else:
       self._buffer = np.concatenate([self._buffer, wav], axis=1)
     spf, hop = self.config.samples_per_frame, self.config.hop_length
-    ready = max(self._buffer.shape[1] - hop, 0) // spf
+    n = self.frames_per_step
     outs = []
-    done = 0
-    while done < ready:
-      n = min(self.frames_per_step, ready - done)
-      start = done * spf
-      window = self._buffer[:, start : start + n * spf + hop]
-      outs.append(self._run(window))
-      done += n
-    self._buffer = self._buffer[:, done * spf :]
+    start = 0
+    while self._buffer.shape[1] - start >= n * spf + hop:
+      outs.append(self._run(self._buffer[:, start : start + n * spf + hop]))
+      start += n * spf
+    self._buffer = self._buffer[:, start:]
     return self._concat(outs)
 
   def flush(self) -> np.ndarray:
@@ -368,9 +371,14 @@ class StreamingDecoder:
       self.config, self._weights, self.batch_size
     )
     self._to_drop = self.config.lookahead * self.config.samples_per_frame
+    self._pending = None  # Frames waiting for a whole step.
 
   def push(self, codes) -> np.ndarray:
-    """codes int [B, n, levels] -> float32 audio [B, <= n·1920, C]."""
+    """codes int [B, n, levels] -> float32 audio [B, m·1920, C].
+
+    Frames are decoded `frames_per_step` at a time; `flush()` decodes the
+    rest.
+    """
     return self._push(self._check_codes(codes))
 
   def push_embeddings(self, emb) -> np.ndarray:
@@ -383,7 +391,24 @@ class StreamingDecoder:
       raise ValueError('embeddings contain NaN or Inf')
     return self._push(emb.astype(np.float32))
 
+  def flush(self) -> np.ndarray:
+    """Decodes the frames still held back; resets for a new stream."""
+    out = self._run_all(self._pending) if self._pending is not None else None
+    self.reset()
+    return self._empty() if out is None else out
+
   def _push(self, inputs: np.ndarray) -> np.ndarray:
+    if self._pending is not None:
+      if inputs.dtype != self._pending.dtype or (
+        inputs.shape[2] != self._pending.shape[2]
+      ):
+        raise ValueError('codes and embeddings, or level counts, mixed')
+      inputs = np.concatenate([self._pending, inputs], axis=1)
+    whole = inputs.shape[1] - inputs.shape[1] % self.frames_per_step
+    self._pending = inputs[:, whole:] if whole < inputs.shape[1] else None
+    return self._run_all(inputs[:, :whole])
+
+  def _run_all(self, inputs: np.ndarray) -> np.ndarray:
     outs = []
     for start in range(0, inputs.shape[1], self.frames_per_step):
       chunk = inputs[:, start : start + self.frames_per_step]
@@ -394,9 +419,10 @@ class StreamingDecoder:
       drop = min(self._to_drop, wav.shape[1])
       self._to_drop -= drop
       outs.append(wav[:, drop:])
-    if not outs:
-      return np.zeros((self.batch_size, 0, self.config.num_channels))
-    return np.concatenate(outs, axis=1)
+    return np.concatenate(outs, axis=1) if outs else self._empty()
+
+  def _empty(self) -> np.ndarray:
+    return np.zeros((self.batch_size, 0, self.config.num_channels), np.float32)
 
   def _check_codes(self, codes) -> np.ndarray:
     codes = np.asarray(codes)

@@ -92,7 +92,8 @@ def test_decoder_equals_whole_sequence_for_any_chunking(
   want = codec.decode(codes)
   assert want.shape == (1, (9 - lookahead) * 1920, 2)
   dec = streaming.StreamingDecoder(codec, frames_per_step=frames_per_step)
-  got = np.concatenate(_push_in_chunks(dec, codes, rng, 4), axis=1)
+  outs = _push_in_chunks(dec, codes, rng, 4)
+  got = np.concatenate(outs + [dec.flush()], axis=1)
   assert got.shape == want.shape
   np.testing.assert_allclose(got, want, atol=1e-6)
   assert dec.latency_frames == lookahead
@@ -176,7 +177,7 @@ def test_matches_official_step_mode(parity_weights, shared_dir):
   )
   err64 = np.abs(wav64 - v['stream_wav64'][:, ref]).max()
   dec = streaming.StreamingDecoder(codec, frames_per_step=7)
-  unq = dec.push_embeddings(v['emb'])
+  unq = np.concatenate([dec.push_embeddings(v['emb']), dec.flush()], axis=1)
   err_unq = np.abs(unq - v['stream_wav_unq'][:, ref]).max()
   print(f'stream wav64 max|err| {err64:.2e}, wav_unq {err_unq:.2e}')
   assert err64 <= 2e-5 and err_unq <= 2e-5
