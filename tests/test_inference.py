@@ -126,3 +126,22 @@ def test_loader_errors(codec, tmp_path):
   safetensors.numpy.save_file(tensors, str(partial))
   with pytest.raises(ValueError, match='lacks params/encoder/base_conv_first'):
     Codec.from_safetensors(str(partial), snd, codec.config)
+
+
+# Reconstruct ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize('t,c', [(1, 2), (1920, 2), (4 * 1920 + 100, 1)])
+def test_reconstruct_keeps_the_length(codec, t, c):
+  x = clip(b=2, t=t, c=c)
+  out = codec.reconstruct(x, num_levels=4)
+  assert out.shape == (2, t, 2) and out.dtype == np.float32
+
+
+def test_reconstruct_is_aligned_with_decode(codec):
+  x = clip(t=4 * 1920)
+  # Without padding, decode covers all but the look-ahead frame.
+  plain = codec.decode(codec.encode(x))
+  np.testing.assert_allclose(
+    codec.reconstruct(x)[:, : plain.shape[1]], plain, atol=1e-5
+  )

@@ -1,0 +1,429 @@
+r"""`spectrostream-export`: a training run -> a self-contained model directory.
+
+    spectrostream-export --workdir=/tmp/quickstart --out=/tmp/tiny_model
+
+reads the CodecConfig from WORKDIR/config.gin and the generator's EMA
+parameters from the newest (or `--step`) checkpoint, and writes
+
+    MODEL_DIR/config.json              config, preset, step, model_id
+    MODEL_DIR/encoder.safetensors      official layout (SPEC §9)
+    MODEL_DIR/soundstream.safetensors
+    MODEL_DIR/stablehlo/manifest.json  how to call the artifacts below
+    MODEL_DIR/stablehlo/{encode,decode}_<frames>.jaxexport
+
+The artifacts are `jax.export` serializations that run with jax and
+safetensors alone; docs/export.md describes the calling convention.
+`Codec.load(MODEL_DIR)` reads the directory back.
+"""
+
+import argparse
+from collections.abc import Callable, Sequence
+import json
+import os
+import shutil
+import sys
+import tempfile
+from typing import Any
+
+from absl import logging
+import grain
+import jax
+from jax import export as jax_export
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+import gin
+from spectrostream_jax import inference
+from spectrostream_jax import step as step_lib
+from spectrostream_jax import train
+from spectrostream_jax import weights
+from spectrostream_jax.models import codec as codec_lib
+
+STABLEHLO_DIR = 'stablehlo'
+MANIFEST_FILE = 'manifest.json'
+MANIFEST_FORMAT = 'spectrostream-stablehlo'
+MANIFEST_FORMAT_VERSION = 1
+# 2 s blocks at 25 Hz.
+DEFAULT_BLOCK_FRAMES = (50,)
+DEFAULT_PLATFORMS = ('cpu', 'cuda', 'tpu')
+
+
+# Reading a training run -----------------------------------------------------
+
+
+def codec_config_from_gin(path: str) -> codec_lib.CodecConfig:
+  """The CodecConfig a trainer's operative config.gin trained.
+
+  Parses with the trainer's own gin setup and evaluates `train.model`;
+  clears the process's gin config before and after.
+  """
+  if not os.path.isfile(path):
+    raise ValueError(f'no such gin config: {path}')
+  gin.clear_config()
+  try:
+    train.parse_gin([path], [])
+    model = gin.query_parameter('train.model').scoped_configurable_fn()
+  except Exception as e:  # gin raises many types, all user-facing here.
+    raise ValueError(f'cannot read train.model from {path}: {_line(e)}') from e
+  finally:
+    gin.clear_config()
+  if not isinstance(model, step_lib.StepConfig):
+    raise ValueError(f'{path}: train.model is not a step.StepConfig')
+  return model.codec
+
+
+def restore_params(checkpoint_dir: str, step: int | None = None):
+  """(generator parameters, step) of a checkpoint; the newest by default.
+
+  Restores only the parameters' EMA (what the trainer evaluates), or the
+  raw parameters for a state without one, onto the host as numpy.
+  """
+  if not os.path.isdir(checkpoint_dir):
+    raise ValueError(f'no checkpoints folder: {checkpoint_dir}')
+  manager = ocp.CheckpointManager(
+    checkpoint_dir,
+    options=ocp.CheckpointManagerOptions(read_only=True),
+    item_handlers={
+      'state': ocp.PyTreeCheckpointHandler(),
+      'data': grain.checkpoint.CheckpointHandler(),
+      'config': ocp.JsonCheckpointHandler(),
+    },
+  )
+  try:
+    steps = manager.all_steps()
+    if not steps:
+      raise ValueError(f'no checkpoints in {checkpoint_dir}')
+    step = max(steps) if step is None else step
+    if step not in steps:
+      raise ValueError(
+        f'no checkpoint for step {step} in {checkpoint_dir}; '
+        f'there are {sorted(steps)}'
+      )
+    try:
+      tree = manager.item_metadata(step)['state']
+      name = 'ema_params' if 'ema_params' in tree else 'params'
+      item = {name: tree[name]}
+      restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(
+            item=item,
+            restore_args=jax.tree.map(
+              lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item
+            ),
+            partial_restore=True,
+          )
+        ),
+      )
+    except Exception as e:  # Orbax raises many types for unreadable data.
+      raise ValueError(
+        f'checkpoint {step} in {checkpoint_dir} cannot be read: {_line(e)}'
+      ) from e
+  finally:
+    manager.close()
+  return restored.state[name], step
+
+
+def _line(e: BaseException) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0] if text else type(e).__name__
+
+
+# StableHLO artifacts --------------------------------------------------------
+
+
+def _exported_functions(
+  codec: inference.Codec,
+  block_frames: Sequence[int],
+  platforms: Sequence[str],
+) -> dict[str, tuple[str, int, jax_export.Exported]]:
+  """{name: (kind, frames, Exported)}: encode and decode per block size.
+
+  Both take the merged weights dict keyed by official names, so a user
+  passes what safetensors loaded. Exported at `highest` precision, so the
+  codes do not depend on an accelerator's default (TF32, bf16 passes).
+  """
+  c = codec.config
+  model = codec_lib.SpectroStream(c)
+  flat_params = weights.flat_paths(codec.params)
+  model_paths = {weights.official_key(p)[1]: p for p in flat_params}
+  flat_spec = {
+    key: jax.ShapeDtypeStruct(np.shape(flat_params[path]), jnp.float32)
+    for key, path in model_paths.items()
+  }
+
+  def tree(flat):
+    return weights.unflatten({model_paths[k]: v for k, v in flat.items()})
+
+  def encode(flat, wav):
+    levels = c.quantizer.num_levels
+    return model.apply({'params': tree(flat)}, wav, levels, method=model.encode)
+
+  def decode(flat, codes):
+    return model.apply({'params': tree(flat)}, codes, method=model.decode)
+
+  (batch,) = jax_export.symbolic_shape('batch')
+  out = {}
+  with jax.default_matmul_precision('highest'):
+    for frames in block_frames:
+      wav = jax.ShapeDtypeStruct(
+        (batch, frames * c.samples_per_frame, c.num_channels), jnp.float32
+      )
+      codes = jax.ShapeDtypeStruct(
+        (batch, frames, c.quantizer.num_levels), jnp.int32
+      )
+      for kind, fn, arg in (('encode', encode, wav), ('decode', decode, codes)):
+        exported = jax_export.export(jax.jit(fn), platforms=tuple(platforms))(
+          flat_spec, arg
+        )
+        out[f'{kind}_{frames}'] = (kind, frames, exported)
+  return out
+
+
+def _shape(aval) -> list:
+  """Static sizes as ints, the symbolic batch size by its name."""
+  return [d if isinstance(d, int) else str(d) for d in aval.shape]
+
+
+def _manifest(
+  functions: dict[str, tuple[str, int, jax_export.Exported]], model_id: str
+) -> dict[str, Any]:
+  entries = {}
+  for name, (kind, frames, exported) in functions.items():
+    arg, result = exported.in_avals[-1], exported.out_avals[0]
+    arg_name, result_name = (
+      ('wav', 'codes') if kind == 'encode' else ('codes', 'wav')
+    )
+    entries[name] = {
+      'file': f'{name}.jaxexport',
+      'kind': kind,
+      'frames': frames,
+      'args': [
+        {'name': 'weights', 'pytree': 'dict', 'dtype': 'float32'},
+        {'name': arg_name, 'shape': _shape(arg), 'dtype': str(arg.dtype)},
+      ],
+      'results': [
+        {
+          'name': result_name,
+          'shape': _shape(result),
+          'dtype': str(result.dtype),
+        }
+      ],
+    }
+  some = next(iter(functions.values()))[-1]
+  return {
+    'format': MANIFEST_FORMAT,
+    'format_version': MANIFEST_FORMAT_VERSION,
+    'model_id': model_id,
+    'jax_version': jax.__version__,
+    'calling_convention_version': some.calling_convention_version,
+    'platforms': list(some.platforms),
+    'precision': 'highest',
+    'call': (
+      'jax.export.deserialize(open(file, "rb").read()).call(weights, x)'
+    ),
+    'weights': {
+      'files': [weights.ENCODER_FILE, weights.SOUNDSTREAM_FILE],
+      'argument': (
+        'dict of every tensor of both files, keyed by its name in the file, '
+        'as safetensors.numpy.load_file returns them, merged'
+      ),
+    },
+    'functions': entries,
+  }
+
+
+# Writing a model directory --------------------------------------------------
+
+
+def export_model(
+  codec: inference.Codec,
+  out_dir: str,
+  *,
+  step: int | None = None,
+  block_frames: Sequence[int] = DEFAULT_BLOCK_FRAMES,
+  platforms: Sequence[str] = DEFAULT_PLATFORMS,
+  overwrite: bool = False,
+) -> str:
+  """Writes `codec` as a model directory; returns its model_id.
+
+  The directory is built next to `out_dir` and renamed into place, so a
+  reader never sees half of it. An existing non-empty `out_dir` is
+  replaced only with `overwrite`.
+  """
+  c = codec.config
+  block_frames = list(block_frames)
+  if not block_frames or len(set(block_frames)) != len(block_frames):
+    raise ValueError(f'block_frames must be distinct sizes: {block_frames}')
+  for frames in block_frames:
+    if not isinstance(frames, int) or frames <= c.lookahead:
+      raise ValueError(
+        f'block_frames must be ints > {c.lookahead} (the decoder look-ahead),'
+        f' got {frames!r}'
+      )
+  if not platforms:
+    raise ValueError('platforms must name at least one platform')
+  out_dir = os.path.abspath(out_dir)
+  _check_out_dir(out_dir, overwrite)
+  functions = _exported_functions(codec, block_frames, platforms)
+
+  def build(tmp: str) -> str:
+    enc, snd = (
+      os.path.join(tmp, name)
+      for name in (weights.ENCODER_FILE, weights.SOUNDSTREAM_FILE)
+    )
+    weights.save_official(codec.params, tmp)
+    model_id = inference.files_model_id(enc, snd)
+    hlo_dir = os.path.join(tmp, STABLEHLO_DIR)
+    os.mkdir(hlo_dir)
+    manifest = _manifest(functions, model_id)
+    for name, (*_, exported) in functions.items():
+      path = os.path.join(hlo_dir, manifest['functions'][name]['file'])
+      with open(path, 'wb') as f:
+        f.write(exported.serialize())
+    _write_json(os.path.join(hlo_dir, MANIFEST_FILE), manifest)
+    _write_json(
+      os.path.join(tmp, inference.CONFIG_FILE),
+      inference.model_config(c, model_id, step),
+    )
+    return model_id
+
+  return _build_atomically(out_dir, overwrite, build)
+
+
+def _write_json(path: str, value: Any) -> None:
+  with open(path, 'w') as f:
+    f.write(_dumps(value) + '\n')
+
+
+def _dumps(value: Any, indent: int = 0) -> str:
+  """JSON with one key a line but flat lists on one line, for reading."""
+  pad = '  ' * (indent + 1)
+  if isinstance(value, dict) and value:
+    lines = [
+      f'{pad}{json.dumps(k)}: {_dumps(v, indent + 1)}' for k, v in value.items()
+    ]
+  elif isinstance(value, list) and any(isinstance(v, dict) for v in value):
+    lines = [f'{pad}{_dumps(v, indent + 1)}' for v in value]
+  else:
+    return json.dumps(value)
+  body = ',\n'.join(lines) + '\n' + '  ' * indent
+  return (
+    ('{\n' if isinstance(value, dict) else '[\n')
+    + body
+    + ('}' if isinstance(value, dict) else ']')
+  )
+
+
+def _check_out_dir(out_dir: str, overwrite: bool) -> None:
+  if os.path.lexists(out_dir):
+    if not os.path.isdir(out_dir) or os.path.islink(out_dir):
+      raise ValueError(f'{out_dir} exists and is not a directory')
+    if os.listdir(out_dir) and not overwrite:
+      raise ValueError(f'{out_dir} is not empty; pass --overwrite to replace')
+
+
+def _build_atomically(
+  out_dir: str, overwrite: bool, build: Callable[[str], str]
+) -> str:
+  _check_out_dir(out_dir, overwrite)  # Again: time passed since the first.
+  parent, name = os.path.split(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f'.{name}.tmp-', dir=parent)
+  try:
+    result = build(tmp)
+    # mkdtemp and safetensors create owner-only files; a model is shared.
+    for root, dirs, files in os.walk(tmp):
+      for d in dirs:
+        os.chmod(os.path.join(root, d), 0o755)
+      for f in files:
+        os.chmod(os.path.join(root, f), 0o644)
+    os.chmod(tmp, 0o755)
+    if os.path.exists(out_dir):
+      old = f'{tmp}-old'
+      os.rename(out_dir, old)
+      os.rename(tmp, out_dir)
+      shutil.rmtree(old)
+    else:
+      os.rename(tmp, out_dir)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return result
+
+
+def export_workdir(
+  workdir: str, out_dir: str, *, step: int | None = None, **kwargs
+) -> tuple[str, int]:
+  """A training workdir -> a model directory; (model_id, step exported)."""
+  if not os.path.isdir(workdir):
+    raise ValueError(f'no such workdir: {workdir}')
+  gin_path = os.path.join(workdir, 'config.gin')
+  config = codec_config_from_gin(gin_path)
+  params, step = restore_params(os.path.join(workdir, 'checkpoints'), step)
+  try:
+    codec = inference.Codec(params, config)
+  except ValueError as e:
+    raise ValueError(
+      f'checkpoint {step} does not fit the CodecConfig of {gin_path}'
+    ) from e
+  return export_model(codec, out_dir, step=step, **kwargs), step
+
+
+# Command line ---------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+    prog='spectrostream-export',
+    description='Turns a spectrostream-train workdir into a model directory.',
+  )
+  parser.add_argument(
+    '--workdir', required=True, help='training run (config.gin, checkpoints/)'
+  )
+  parser.add_argument('--out', required=True, help='model directory to write')
+  parser.add_argument(
+    '--step', type=int, help='checkpoint step to export (default: newest)'
+  )
+  parser.add_argument(
+    '--block_frames',
+    type=int,
+    nargs='+',
+    default=list(DEFAULT_BLOCK_FRAMES),
+    help='StableHLO block sizes in 40 ms frames (default: 50 = 2 s)',
+  )
+  parser.add_argument(
+    '--platforms',
+    nargs='+',
+    default=list(DEFAULT_PLATFORMS),
+    choices=('cpu', 'cuda', 'rocm', 'tpu'),
+    help='platforms the StableHLO artifacts run on',
+  )
+  parser.add_argument(
+    '--overwrite', action='store_true', help='replace a non-empty --out'
+  )
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """Console entry point; a user mistake exits 1 with a one-line reason."""
+  args = _parser().parse_args(argv)
+  logging.set_verbosity(logging.ERROR)
+  try:
+    model_id, step = export_workdir(
+      args.workdir,
+      args.out,
+      step=args.step,
+      block_frames=args.block_frames,
+      platforms=args.platforms,
+      overwrite=args.overwrite,
+    )
+  # ImportError: jax.export needs the flatbuffers package to serialize.
+  except (ValueError, OSError, ImportError) as e:
+    sys.exit(f'spectrostream-export: error: {e}')
+  print(f'exported step {step} to {os.path.abspath(args.out)}')
+  print(f'model_id {model_id}')
+
+
+if __name__ == '__main__':
+  main()
