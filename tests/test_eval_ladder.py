@@ -1,0 +1,162 @@
+"""`spectrostream-eval` end to end on generated clips and a tiny model."""
+
+import csv
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from spectrostream_jax import inference
+from spectrostream_jax import weights
+from spectrostream_jax.evaluation import clips
+from spectrostream_jax.evaluation import ladder
+from spectrostream_jax.evaluation import metrics
+from spectrostream_jax.evaluation import opus
+from spectrostream_jax.evaluation import report
+from spectrostream_jax.models import codec as codec_lib
+
+SR = 48_000
+
+
+@pytest.fixture(scope='module')
+def model_dir(tmp_path_factory):
+  """A tiny random model written as a model directory."""
+  out = tmp_path_factory.mktemp('tiny_model')
+  config = codec_lib.tiny()
+  paths = weights.save_official(
+    inference.Codec.random(config, seed=0).params, str(out)
+  )
+  encoder, soundstream = sorted(paths)
+  model_id = inference.files_model_id(encoder, soundstream)
+  with open(out / inference.CONFIG_FILE, 'w') as f:
+    json.dump(inference.model_config(config, model_id, None), f)
+  return str(out)
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  """Two 1.3 s stereo tracks, a corrupt file and one too short."""
+  out = tmp_path_factory.mktemp('eval_data')
+  rng = np.random.default_rng(0)
+  t = np.arange(int(1.3 * SR)) / SR
+  for i, freq in enumerate((220.0, 330.0)):
+    tone = 0.3 * np.sin(2 * np.pi * freq * t)
+    wav = np.stack([tone, 0.5 * tone], 1) + 0.02 * rng.standard_normal(
+      (t.size, 2)
+    )
+    sf.write(out / f'track{i}.wav', wav.astype(np.float32), SR)
+  (out / 'corrupt.wav').write_bytes(b'RIFF' + bytes(40) + b'garbage')
+  sf.write(out / 'short.wav', np.zeros((4800, 2), np.float32) + 0.1, SR)
+  return str(out)
+
+
+@pytest.fixture(scope='module')
+def codec(model_dir):
+  return inference.Codec.load(model_dir)
+
+
+@pytest.fixture(scope='module')
+def results(codec, model_dir, data_dir, tmp_path_factory):
+  """One run of the command, with one worker process."""
+  out = tmp_path_factory.mktemp('eval_out')
+  argv = ['--model', model_dir, '--data', data_dir, '--out', str(out)]
+  # 0.45 kbps is 3 levels of the tiny model; 0.5 kbps rounds to it. One
+  # level count keeps the codec's compilations few; `codec`, loaded from
+  # the same directory, is compiled once for this test and the next.
+  argv += ['--clip-seconds', '1', '--kbps', '0.45,0.5', '--workers', '1']
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(inference.Codec, 'load', lambda path: codec)
+    assert ladder.main(argv) == 0
+  with open(out / 'results.json') as f:
+    return out, json.load(f)
+
+
+def test_files_written(results):
+  out, _ = results
+  names = set(os.listdir(out))
+  assert {'results.json', 'results.csv', 'results.md', 'plots'} <= names
+  assert not [n for n in names if n.startswith('.tmp')]
+  assert 'mel_distance.png' in os.listdir(out / 'plots')
+  table = (out / 'results.md').read_text()
+  assert '| 0.45 | spectrostream |' in table and '## Codebooks' in table
+  with open(out / 'results.csv') as f:
+    rows = list(csv.DictReader(f))
+  assert {r['clip'] for r in rows} == {'track0.wav', 'track1.wav', 'mean'}
+
+
+def test_json_structure(results, codec):
+  _, r = results
+  assert r['format'] == ladder.FORMAT
+  assert r['model']['model_id'] == codec.model_id
+  assert r['environment']['versions']['jax']
+  assert [c['name'] for c in r['data']['clips']] == ['track0.wav', 'track1.wav']
+  assert r['data']['skipped'] == {'too_short': 1, 'unreadable': 1}
+  systems = ['spectrostream'] + (['opus'] if opus.find() else [])
+  assert [(x['kbps_requested'], x['system']) for x in r['rows']] == [
+    (k, s) for k in (0.45, 0.5) for s in systems
+  ]
+  neural = [x for x in r['rows'] if x['system'] == 'spectrostream']
+  assert [x['levels'] for x in neural] == [3, 3]
+  assert neural[0]['kbps'] == neural[1]['kbps'] == pytest.approx(0.45)
+  assert any('0.5 kbps is not a whole number' in n for n in r['notes'])
+  for row in neural:
+    assert 0 < row['codes']['entropy_kbps'] <= row['kbps'] + 1e-9
+  books = r['codebooks']
+  assert len(books['perplexity']) == 3 and books['frames'] == 2 * 25
+  keys = set(metrics.SCALAR_METRICS)
+  if r['config']['visqol']:
+    keys.add('visqol')
+  for row in r['rows']:
+    assert len(row['clips']) == 2
+    for clip in row['clips']:
+      # Opus decodes silence this far below its range: no ViSQOL then.
+      if clip.get('silent'):
+        assert clip['visqol'] is None and 'to silence' in str(r['notes'])
+      for key in keys - ({'visqol'} if clip.get('silent') else set()):
+        assert math.isfinite(clip[key]), (row['system'], key)
+      assert len(clip['ild_error_bands']) == len(r['bands_hz'])
+    scored = [c for c in row['clips'] if c.get('visqol') is not None]
+    for key in keys - ({'visqol'} if not scored else set()):
+      assert math.isfinite(row['mean'][key]), (row['system'], key)
+
+
+def test_same_results_without_worker_processes(results, codec, data_dir):
+  _, r = results
+  data = clips.load(data_dir, 1.0)
+  rates, _ = ladder.rates_for(codec, [0.45, 0.5])
+  inline = ladder.evaluate(
+    codec,
+    data,
+    rates,
+    opus_tools=opus.find(),
+    visqol=r['config']['visqol'],
+    workers=0,
+  )
+  inline = json.loads(json.dumps(report.finite_or_none(inline)))
+  assert inline['rows'] == r['rows'] and inline['codebooks'] == r['codebooks']
+
+
+@pytest.mark.parametrize(
+  'args, message',
+  [
+    (['--model', '/nonexistent', '--data', '{data}'], 'no such model'),
+    (['--model', '{model}', '--data', '{empty}'], 'no audio files'),
+    (['--model', '{model}', '--data', '{data}', '--kbps', '2,x'], 'numbers'),
+    (['--model', '{model}', '--data', '{data}', '--kbps', '0'], '> 0'),
+  ],
+)
+def test_bad_input_is_one_line(
+  args, message, model_dir, data_dir, tmp_path, capsys
+):
+  paths = {'model': model_dir, 'data': data_dir, 'empty': str(tmp_path)}
+  argv = [a.format(**paths) for a in args] + ['--out', str(tmp_path / 'o')]
+  code = ladder.main(argv) if '--kbps' not in args else None
+  if code is None:
+    with pytest.raises(SystemExit) as e:
+      ladder.main(argv)
+    code = e.value.code
+  err = capsys.readouterr().err.strip()
+  assert code != 0 and message in err and len(err.splitlines()) == 1
