@@ -306,6 +306,11 @@ def test_experiment_models():
     train.parse_gin(['experiments/production_debian.gin'], [])
     model = gin.query_parameter('train.model').scoped_configurable_fn()
     assert model.codec == codec.production()
+    gin.clear_config()
+    train.parse_gin(['experiments/small_debian.gin'], [])
+    model = gin.query_parameter('train.model').scoped_configurable_fn()
+    assert model.codec == codec.small()
+    assert model.discriminator.base_channels == 16
   finally:
     gin.clear_config()
 
