@@ -310,7 +310,7 @@ def test_experiment_models():
     train.parse_gin(['experiments/small_debian.gin'], [])
     model = gin.query_parameter('train.model').scoped_configurable_fn()
     assert model.codec == codec.small()
-    assert model.discriminator.base_channels == 16
+    assert model.discriminator.base_channels == 8
   finally:
     gin.clear_config()
 
