@@ -333,6 +333,13 @@ class Writer:
       if self._pending_frames == block:
         self._emit_block()
 
+  def set_original_length(self, samples: int) -> None:
+    """Sets the input length once it is known: some decoders (Ogg Opus,
+    MP3) only estimate it up front. Checked again on close()."""
+    if self._closed:
+      raise BitstreamError('writer is closed')
+    self._header = dataclasses.replace(self._header, original_length=samples)
+
   def _emit_block(self) -> None:
     codes = np.concatenate(self._pending)
     first = self._frames - len(codes)

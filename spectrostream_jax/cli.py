@@ -87,9 +87,6 @@ def _open_audio(path: pathlib.Path) -> sf.SoundFile:
     f = sf.SoundFile(str(path))
   except (sf.SoundFileError, OSError) as e:
     raise UserError(f'cannot read audio {path}: {e}') from None
-  if f.frames == 0:
-    f.close()
-    raise UserError(f'{path} has no audio samples')
   return f
 
 
@@ -103,12 +100,12 @@ def encode_file(
   """Streams `src` through the encoder into the bitstream file `dst`."""
   cfg = codec.config
   with _open_audio(src) as f:
-    in_rate, in_channels, length = f.samplerate, f.channels, f.frames
+    in_rate, in_channels = f.samplerate, f.channels
     header = bitstream.Header(
       channels=cfg.num_channels,
       levels=levels,
       bits=cfg.bits_per_level,
-      original_length=length,
+      original_length=0,
       original_sample_rate=in_rate,
       original_channels=in_channels,
       model_id=bytes.fromhex(codec.model_id),
@@ -125,20 +122,28 @@ def encode_file(
       codec, levels, frames_per_step=block_frames
     )
     with bitstream.Writer(dst, header) as writer:
+      # Read to the end of the stream: for some formats (Ogg Opus, MP3)
+      # the length in the file's header is only an estimate.
       done = 0
-      while done < length:
-        x = f.read(
-          min(READ_SAMPLES, length - done), dtype='float32', always_2d=True
-        )
-        if x.shape[0] == 0:
-          raise UserError(f'{src} ended early at sample {done} of {length}')
+      while True:
+        x = f.read(READ_SAMPLES, dtype='float32', always_2d=True)
+        if not x.shape[0]:
+          break
         done += x.shape[0]
         if not np.all(np.isfinite(x)):
           raise UserError(f'{src} contains NaN or Inf samples')
         x = _to_codec_channels(x, cfg.num_channels)
         if resampler is not None:
-          x = resampler.resample_chunk(x, last=done >= length)
+          x = resampler.resample_chunk(x)
         writer.append(enc.push(x[None])[0])
+      if not done:
+        raise UserError(f'{src} has no audio samples')
+      if resampler is not None:
+        end = np.zeros((0, cfg.num_channels), np.float32)
+        writer.append(
+          enc.push(resampler.resample_chunk(end, last=True)[None])[0]
+        )
+      writer.set_original_length(done)
       # The decoder's look-ahead frames, so every input sample decodes.
       tail = np.zeros(
         (1, cfg.lookahead * cfg.samples_per_frame, cfg.num_channels),

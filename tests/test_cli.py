@@ -200,3 +200,32 @@ def test_demo_reports_frame_times(model, tmp_path, capsys):
   assert report['budget_ms'] == 40.0 and report['latency_ms'] == 120.0
   assert report['encode_ms_median'] > 0 and report['decode_ms_median'] > 0
   assert sf.info(str(out)).frames == 38_400
+
+
+def test_length_estimated_by_the_decoder(model, tmp_path, capsys, monkeypatch):
+  """Ogg Opus and MP3 headers may claim more samples than decode."""
+  model_dir, _ = model
+  src = tmp_path / 'x.wav'
+  sf.write(src, _clip(0.7, 44_100, 2), 44_100)
+  open_audio = cli._open_audio
+
+  class Overstated:
+    def __init__(self, path):
+      self._f = open_audio(path)
+      self.frames = self._f.frames + 10
+
+    def __getattr__(self, name):
+      return getattr(self._f, name)
+
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *exc):
+      self._f.close()
+
+  monkeypatch.setattr(cli, '_open_audio', Overstated)
+  sps, wav = tmp_path / 'x.sps', tmp_path / 'y.wav'
+  assert _run(capsys, 'encode', '--model', model_dir, src, sps)[0] == 0
+  assert bitstream.read_header(sps).original_length == 30_870
+  assert _run(capsys, 'decode', '--model', model_dir, sps, wav)[0] == 0
+  assert sf.info(str(wav)).frames == 30_870
