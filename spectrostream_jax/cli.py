@@ -237,7 +237,8 @@ def _run_many(pairs, work, overwrite: bool, what: str) -> int:
   from rich.progress import Progress
 
   failures = 0
-  with Progress(transient=True, console=Console(stderr=True)) as bar:
+  console = Console(stderr=True)
+  with Progress(console=console, disable=not console.is_terminal) as bar:
     task = bar.add_task(what, total=len(pairs))
     for src, dst in pairs:
       if dst.exists() and not overwrite:
