@@ -1,0 +1,125 @@
+"""Training curves from a run's TensorBoard events, without TensorFlow.
+
+    python -m spectrostream_jax.curves --workdir /tmp/run --out curves.png
+
+Reads the scalar summaries that `spectrostream-train` logs (TFRecord files
+of `Event` protos, parsed with tensorboardX's own proto classes) and plots
+the chosen tags against the step, one panel per tag.
+"""
+
+import argparse
+import glob
+import os
+import struct
+import sys
+
+import numpy as np
+
+DEFAULT_TAGS = (
+  'g/mel',
+  'g/feat',
+  'd/loss',
+  'vq/commit',
+  'eval/mel_distance',
+  'eval/si_sdr',
+)
+
+
+def read_scalars(logdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """{tag: (steps, values)} of every scalar in `logdir`, sorted by step.
+
+  A step logged twice (a resumed run repeats the steps after its last
+  checkpoint) keeps the value written last. A torn record at the end of a
+  file (a killed run) ends that file.
+  """
+  from tensorboardX.proto import event_pb2
+
+  points: dict[str, dict[int, float]] = {}
+  for path in sorted(glob.glob(os.path.join(logdir, 'events.out.tfevents.*'))):
+    with open(path, 'rb') as f:
+      data = f.read()
+    pos = 0
+    while pos + 12 <= len(data):
+      (length,) = struct.unpack('<Q', data[pos : pos + 8])
+      start, end = pos + 12, pos + 12 + length
+      if end + 4 > len(data):
+        break
+      event = event_pb2.Event()
+      event.ParseFromString(data[start:end])
+      pos = end + 4
+      for value in event.summary.value:
+        if value.HasField('simple_value'):
+          points.setdefault(value.tag, {})[event.step] = value.simple_value
+  out = {}
+  for tag, by_step in points.items():
+    steps = np.array(sorted(by_step))
+    out[tag] = (steps, np.array([by_step[s] for s in steps]))
+  return out
+
+
+def plot(
+  scalars: dict, tags, out: str, title: str = '', smooth: int = 1
+) -> None:
+  """One panel per tag (missing tags skipped); `smooth` = moving average."""
+  import matplotlib
+
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt
+
+  tags = [t for t in tags if t in scalars]
+  if not tags:
+    raise ValueError('none of the requested tags were logged')
+  cols = min(3, len(tags))
+  rows = -(-len(tags) // cols)
+  fig, axes = plt.subplots(
+    rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False
+  )
+  for ax, tag in zip(axes.flat, tags, strict=False):
+    steps, values = scalars[tag]
+    ax.plot(steps, values, alpha=0.35 if smooth > 1 else 1.0, lw=1)
+    if smooth > 1 and len(values) >= smooth:
+      kernel = np.ones(smooth) / smooth
+      ax.plot(steps[smooth - 1 :], np.convolve(values, kernel, 'valid'), lw=2)
+    ax.set_title(tag)
+    ax.set_xlabel('step')
+    ax.grid(alpha=0.3)
+  for ax in axes.flat[len(tags) :]:
+    ax.axis('off')
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  tmp = f'{out}.tmp-{os.getpid()}.png'
+  fig.savefig(tmp, dpi=100)
+  plt.close(fig)
+  os.replace(tmp, out)
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument('--workdir', required=True)
+  ap.add_argument('--out', required=True)
+  ap.add_argument('--tags', default=','.join(DEFAULT_TAGS))
+  ap.add_argument('--smooth', type=int, default=1)
+  ap.add_argument('--title', default='')
+  args = ap.parse_args(argv)
+  logdir = os.path.join(args.workdir, 'tensorboard')
+  scalars = read_scalars(logdir)
+  if not scalars:
+    print(f'curves: error: no scalars under {logdir}', file=sys.stderr)
+    return 1
+  try:
+    plot(scalars, args.tags.split(','), args.out, args.title, args.smooth)
+  except ValueError as e:
+    print(f'curves: error: {e}', file=sys.stderr)
+    return 1
+  last = {t: float(v[-1]) for t, (_, v) in scalars.items()}
+  last_step = max(int(s[-1]) for s, _ in scalars.values())
+  print(f'wrote {args.out}; last step {last_step}')
+  for tag in args.tags.split(','):
+    if tag in last:
+      print(f'  {tag}: first {scalars[tag][1][0]:.4g}, last {last[tag]:.4g}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

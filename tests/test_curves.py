@@ -1,0 +1,33 @@
+"""Training curves read back from TensorBoard events without TensorFlow."""
+
+import numpy as np
+from tensorboardX import SummaryWriter
+
+from spectrostream_jax import curves
+
+
+def test_read_scalars_and_plot(tmp_path):
+  logdir = tmp_path / 'tensorboard'
+  writer = SummaryWriter(str(logdir))
+  for step in range(1, 6):
+    writer.add_scalar('g/mel', 100.0 / step, step)
+  writer.add_scalar('eval/si_sdr', -3.5, 5)
+  writer.close()
+  # A resumed run repeats step 5 in a second file; the later value wins.
+  writer = SummaryWriter(str(logdir), filename_suffix='.resumed')
+  writer.add_scalar('g/mel', 7.0, 5)
+  writer.close()
+  scalars = curves.read_scalars(str(logdir))
+  steps, mel = scalars['g/mel']
+  np.testing.assert_array_equal(steps, [1, 2, 3, 4, 5])
+  np.testing.assert_allclose(mel, [100, 50, 100 / 3, 25, 7], rtol=1e-6)
+  assert scalars['eval/si_sdr'][1].tolist() == [-3.5]
+  out = tmp_path / 'c.png'
+  assert (
+    curves.main(
+      ['--workdir', str(tmp_path), '--out', str(out), '--smooth', '2']
+    )
+    == 0
+  )
+  assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  assert curves.main(['--workdir', str(tmp_path / 'none'), '--out', 'x']) == 1
