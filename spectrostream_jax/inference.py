@@ -31,6 +31,7 @@ import safetensors.numpy
 
 from spectrostream_jax import weights
 from spectrostream_jax.models import codec as codec_lib
+from spectrostream_jax.models import quantizer as rvq
 
 # A model directory: the two official weight files plus this description.
 CONFIG_FILE = 'config.json'
@@ -182,44 +183,13 @@ class Codec:
   # Validation ----------------------------------------------------------------
 
   def _check_wav(self, wav) -> np.ndarray:
-    wav = _as_array(wav, 'wav')
-    if wav.ndim != 3:
-      raise ValueError(
-        f'wav must be [batch, samples, channels], got {wav.shape}'
-      )
-    if wav.dtype != np.float32:
-      raise ValueError(f'wav must be float32, got {wav.dtype}')
-    if wav.shape[-1] not in (1, 2):
-      raise ValueError(f'wav must have 1 or 2 channels, got {wav.shape[-1]}')
-    if wav.shape[0] == 0 or wav.shape[1] == 0:
-      raise ValueError(f'wav is empty: shape {wav.shape}')
-    _check_finite(wav, 'wav')
-    return wav
+    return check_audio(wav)
 
   def _check_levels(self, levels) -> int:
-    if not isinstance(levels, (int, np.integer)) or not (
-      1 <= levels <= self.num_levels
-    ):
-      raise ValueError(f'num_levels must be an int in 1..{self.num_levels}')
-    return int(levels)
+    return check_levels(levels, self.num_levels)
 
   def _check_codes(self, codes) -> np.ndarray:
-    codes = _as_array(codes, 'codes')
-    if codes.ndim != 3:
-      raise ValueError(
-        f'codes must be [batch, frames, levels], got {codes.shape}'
-      )
-    if not np.issubdtype(codes.dtype, np.integer):
-      raise ValueError(f'codes must be integers, got {codes.dtype}')
-    if 0 in codes.shape:
-      raise ValueError(f'codes are empty: shape {codes.shape}')
-    self._check_levels(codes.shape[-1])
-    k = self.config.quantizer.codebook_size
-    if codes.min() < 0 or codes.max() >= k:
-      raise ValueError(
-        f'codes must lie in [0, {k}), got [{codes.min()}, {codes.max()}]'
-      )
-    return codes.astype(np.int32)
+    return check_codes(codes, self.config.quantizer)
 
   # Jitted functions (one compile per input shape) --------------------------
 
@@ -385,6 +355,51 @@ def model_config(
     'lookahead': config.lookahead,
     'codec_config': config_to_dict(config),
   }
+
+
+def check_audio(wav, allow_empty: bool = False) -> np.ndarray:
+  """float32 [B, T, 1 or 2], finite; ValueError with the reason otherwise."""
+  wav = _as_array(wav, 'wav')
+  if wav.ndim != 3:
+    raise ValueError(f'wav must be [batch, samples, channels], got {wav.shape}')
+  if wav.dtype != np.float32:
+    raise ValueError(f'wav must be float32, got {wav.dtype}')
+  if wav.shape[-1] not in (1, 2):
+    raise ValueError(f'wav must have 1 or 2 channels, got {wav.shape[-1]}')
+  if not allow_empty and (wav.shape[0] == 0 or wav.shape[1] == 0):
+    raise ValueError(f'wav is empty: shape {wav.shape}')
+  _check_finite(wav, 'wav')
+  return wav
+
+
+def check_levels(levels, num_levels: int) -> int:
+  if not isinstance(levels, (int, np.integer)) or not (
+    1 <= levels <= num_levels
+  ):
+    raise ValueError(f'num_levels must be an int in 1..{num_levels}')
+  return int(levels)
+
+
+def check_codes(
+  codes, quantizer: rvq.QuantizerConfig, allow_empty: bool = False
+) -> np.ndarray:
+  """int [B, N, levels] codes in range, as int32; ValueError otherwise."""
+  codes = _as_array(codes, 'codes')
+  if codes.ndim != 3:
+    raise ValueError(
+      f'codes must be [batch, frames, levels], got {codes.shape}'
+    )
+  if not np.issubdtype(codes.dtype, np.integer):
+    raise ValueError(f'codes must be integers, got {codes.dtype}')
+  if 0 in codes.shape and not (allow_empty and codes.shape[2]):
+    raise ValueError(f'codes are empty: shape {codes.shape}')
+  check_levels(codes.shape[-1], quantizer.num_levels)
+  k = quantizer.codebook_size
+  if codes.size and (codes.min() < 0 or codes.max() >= k):
+    raise ValueError(
+      f'codes must lie in [0, {k}), got [{codes.min()}, {codes.max()}]'
+    )
+  return codes.astype(np.int32)
 
 
 def _as_array(x, what: str) -> np.ndarray:

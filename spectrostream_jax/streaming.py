@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spectrostream_jax import inference
 from spectrostream_jax import signal
 from spectrostream_jax.models import codec as codec_lib
 from spectrostream_jax.models import quantizer as rvq
@@ -235,11 +236,9 @@ class StreamingEncoder:
   ):
     self.config, self._weights = _codec_parts(codec)
     q = self.config.quantizer
-    levels = q.num_levels if num_levels is None else num_levels
-    if not isinstance(levels, (int, np.integer)) or not (
-      1 <= levels <= q.num_levels
-    ):
-      raise ValueError(f'num_levels must be an int in 1..{q.num_levels}')
+    levels = inference.check_levels(
+      q.num_levels if num_levels is None else num_levels, q.num_levels
+    )
     if frames_per_step < 1:
       raise ValueError(f'frames_per_step must be >= 1, got {frames_per_step}')
     self.num_levels = int(levels) if quantize else None
@@ -321,22 +320,14 @@ class StreamingEncoder:
     return np.zeros((self.batch_size, 0, width), dtype)
 
   def _check(self, wav) -> np.ndarray:
-    wav = np.asarray(wav)
-    if wav.ndim != 3 or wav.shape[0] != self.batch_size:
-      raise ValueError(
-        f'push [batch={self.batch_size}, samples, channels], got {wav.shape}'
-      )
-    if wav.dtype != np.float32:
-      raise ValueError(f'audio must be float32, got {wav.dtype}')
-    if wav.shape[-1] not in (1, 2):
-      raise ValueError(f'audio must have 1 or 2 channels, got {wav.shape[-1]}')
+    wav = inference.check_audio(wav, allow_empty=True)
+    if wav.shape[0] != self.batch_size:
+      raise ValueError(f'this stream has batch size {self.batch_size}')
     if self._buffer is not None and wav.shape[-1] != self._buffer.shape[-1]:
       raise ValueError(
         f'channel count changed mid-stream: {self._buffer.shape[-1]} -> '
         f'{wav.shape[-1]}'
       )
-    if not np.all(np.isfinite(wav)):
-      raise ValueError('audio contains NaN or Inf')
     return wav
 
 
@@ -425,17 +416,9 @@ class StreamingDecoder:
     return np.zeros((self.batch_size, 0, self.config.num_channels), np.float32)
 
   def _check_codes(self, codes) -> np.ndarray:
-    codes = np.asarray(codes)
-    q = self.config.quantizer
-    if codes.ndim != 3 or codes.shape[0] != self.batch_size:
-      raise ValueError(
-        f'codes must be [batch={self.batch_size}, frames, levels], '
-        f'got {codes.shape}'
-      )
-    if not np.issubdtype(codes.dtype, np.integer):
-      raise ValueError(f'codes must be integers, got {codes.dtype}')
-    if not 1 <= codes.shape[2] <= q.num_levels:
-      raise ValueError(f'codes must have 1..{q.num_levels} levels')
-    if codes.size and (codes.min() < 0 or codes.max() >= q.codebook_size):
-      raise ValueError(f'codes must lie in [0, {q.codebook_size})')
-    return codes.astype(np.int32)
+    codes = inference.check_codes(
+      codes, self.config.quantizer, allow_empty=True
+    )
+    if codes.shape[0] != self.batch_size:
+      raise ValueError(f'this stream has batch size {self.batch_size}')
+    return codes
