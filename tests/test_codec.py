@@ -27,6 +27,32 @@ def test_production_parameter_count_and_split():
   assert n_params(shapes) == 61_713_666
 
 
+def test_small_preset_keeps_the_production_layout():
+  small, prod = codec.small(), codec.production()
+  for field in (
+    'sample_rate',
+    'frame_length',
+    'hop_length',
+    'encoder_strides',
+    'decoder_strides',
+    'fusion_block',
+    'split_block',
+    'lookahead',
+  ):
+    assert getattr(small, field) == getattr(prod, field), field
+  assert small.frame_rate == 25.0 and small.kbps_per_level == 0.25
+  assert (small.quantizer.num_levels, small.quantizer.codebook_size) == (
+    64,
+    1024,
+  )
+  counts = {k: n_params(v) for k, v in codec.param_shapes(small).items()}
+  assert counts == {
+    'encoder': 620_880,
+    'decoder': 2_316_082,
+    'quantizer': 8_388_608,
+  }
+
+
 def test_parameter_paths_are_the_official_ones(shared_dir):
   spec = json.loads((shared_dir / 'vectors' / 'keys.json').read_text())
   official = {
