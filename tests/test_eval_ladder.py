@@ -160,3 +160,19 @@ def test_bad_input_is_one_line(
     code = e.value.code
   err = capsys.readouterr().err.strip()
   assert code != 0 and message in err and len(err.splitlines()) == 1
+
+
+def test_without_opus_the_neural_rows_are_unchanged(results, codec, data_dir):
+  """--no-opus (or no opus-tools, as in CI) leaves only the codec's rows."""
+  _, r = results
+  data = clips.load(data_dir, 1.0)
+  rates, _ = ladder.rates_for(codec, [0.45, 0.5])
+  alone = ladder.evaluate(
+    codec, data, rates, opus_tools=None, visqol=False, workers=0
+  )
+  alone = json.loads(json.dumps(report.finite_or_none(alone)))
+  assert {row['system'] for row in alone['rows']} == {'spectrostream'}
+  want = [row for row in r['rows'] if row['system'] == 'spectrostream']
+  for got, ref in zip(alone['rows'], want, strict=True):
+    for key, value in got['mean'].items():
+      assert value == ref['mean'][key], key

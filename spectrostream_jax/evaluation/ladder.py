@@ -206,7 +206,7 @@ def evaluate(
         if opus_tools:
           # Submitted first: the workers encode while the codec runs here.
           jobs = [
-            pool.submit(opus.roundtrip, ref, r.requested, opus_tools)
+            (r, pool.submit(opus.roundtrip, ref, r.requested, opus_tools))
             for r in rates
           ]
         codes = codec.encode(ref[None], max_levels)[0]
@@ -217,7 +217,7 @@ def evaluate(
         }
         for r in rates:
           scores.add((NEURAL, r.requested), i, ref, decoded[r.levels])
-        for r, job in zip(rates, jobs, strict=True):
+        for r, job in jobs:
           try:
             out = job.result()
           except Exception as e:  # One bad clip should not end a long run.
