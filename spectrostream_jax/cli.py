@@ -193,13 +193,9 @@ def decode_file(
         subtype=subtype,
         format='WAV',
       ) as out:
-        for i in range(reader.num_blocks + 1):
-          if i < reader.num_blocks:
-            y = dec.push(reader.read_block(i)[None])[0]
-          else:
-            y = dec.flush()[0]
+        for y, last in _decoded(reader, dec):
           if resampler is not None:
-            y = resampler.resample_chunk(y, last=i == reader.num_blocks)
+            y = resampler.resample_chunk(y, last=last)
           y = y[: h.original_length - written]
           out.write(_from_codec_channels(y, out_channels))
           written += y.shape[0]
@@ -211,6 +207,13 @@ def decode_file(
       tmp.unlink(missing_ok=True)
       raise
     return h
+
+
+def _decoded(reader, dec):
+  """(audio, is_last) per block of `reader`, then the decoder's flush."""
+  for block in reader:
+    yield dec.push(block[None])[0], False
+  yield dec.flush()[0], True
 
 
 def _pairs(src: pathlib.Path, dst: pathlib.Path, to_suffix, want_src):

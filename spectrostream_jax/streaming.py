@@ -18,6 +18,7 @@ samples on the host and keep the state on the device: `StreamingEncoder`,
 import functools
 import math
 from typing import Any
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -150,9 +151,7 @@ def encode_step(
   `num_levels` None skips quantisation (codes None).
   """
   frames = window_frames(config, window.shape[1])
-  wav = _match_channels(window.astype(jnp.float32), config.num_channels)
-  features = signal.stft(wav, config.frame_length, config.hop_length)
-  features = features[:, :frames]
+  features = codec_lib.stft_features(window, config)[:, :frames]
   emb, state = _encoder_net(config, weights['encoder'], state, features)
   codes = None
   if num_levels is not None:
@@ -197,22 +196,15 @@ def decode_step(
   return new_state, wav
 
 
-def _match_channels(wav: jax.Array, channels: int) -> jax.Array:
-  """Mono is duplicated, other counts averaged (as `SpectroStream` does)."""
-  if wav.shape[-1] == channels:
-    return wav
-  if wav.shape[-1] == 1:
-    return jnp.repeat(wav, channels, axis=-1)
-  return jnp.mean(wav, axis=-1, keepdims=True)
+# Prepared weights per `Codec`, shared by all its streams, freed with it.
+_PREPARED = weakref.WeakKeyDictionary()
 
 
 def _codec_parts(codec) -> tuple[codec_lib.CodecConfig, dict]:
   """(config, prepared weights) of a `Codec`, prepared once per codec."""
-  weights = getattr(codec, '_streaming_weights', None)
-  if weights is None:
-    weights = prepare_weights(codec.config, codec.params)
-    codec._streaming_weights = weights
-  return codec.config, weights
+  if codec not in _PREPARED:
+    _PREPARED[codec] = prepare_weights(codec.config, codec.params)
+  return codec.config, _PREPARED[codec]
 
 
 class StreamingEncoder:

@@ -149,6 +149,21 @@ class CodecConfig:
     return math.ceil(frames / self.time_stride)
 
 
+def match_channels(wav: jax.Array, channels: int) -> jax.Array:
+  """[..., C] -> [..., channels]: mono duplicated, other counts averaged."""
+  if wav.shape[-1] == channels:
+    return wav
+  if wav.shape[-1] != 1:
+    wav = jnp.mean(wav, axis=-1, keepdims=True)
+  return jnp.repeat(wav, channels, axis=-1)
+
+
+def stft_features(wav: jax.Array, config: CodecConfig) -> jax.Array:
+  """Waveform [B, T, C] -> encoder input [B, ceil(T/hop), bins, 2C]."""
+  wav = match_channels(wav.astype(jnp.float32), config.num_channels)
+  return signal.stft(wav, config.frame_length, config.hop_length)
+
+
 class ResidualMLP(nn.Module):
   """`conv1x1_<linear>` + `shortcut_layer/{conv1x1_b1, conv1x1_b2}`."""
 
@@ -342,19 +357,8 @@ class SpectroStream(nn.Module):
     self.decoder = Decoder(self.config, self.streaming)
     self.quantizer = rvq.ResidualVectorQuantizer(self.config.quantizer)
 
-  def _channels(self, wav: jax.Array) -> jax.Array:
-    want = self.config.num_channels
-    if wav.shape[-1] == want:
-      return wav
-    if wav.shape[-1] == 1:
-      return jnp.repeat(wav, want, axis=-1)
-    return jnp.mean(wav, axis=-1, keepdims=True)
-
   def features(self, wav: jax.Array) -> jax.Array:
-    c = self.config
-    return signal.stft(
-      self._channels(wav.astype(jnp.float32)), c.frame_length, c.hop_length
-    )
+    return stft_features(wav, self.config)
 
   def embed(self, wav: jax.Array) -> jax.Array:
     """Waveform [B, T, C] -> embeddings [B, N, D]; N = ceil(T / 1920)."""
