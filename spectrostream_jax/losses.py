@@ -118,12 +118,16 @@ def _mel_pair(
   hop: int,
   num_mels: int,
 ) -> tuple[jax.Array, jax.Array]:
-  """Mel magnitudes [B, C, frames, mels] of both signals in one pass."""
+  """Mel magnitudes [B, C, frames, mels] of both signals in one pass.
+
+  Stacked on the channel axis, not the batch axis: a batch split over
+  devices stays where it is.
+  """
   both = jnp.concatenate(
-    [wav.astype(jnp.float32), reconstruction.astype(jnp.float32)]
+    [wav.astype(jnp.float32), reconstruction.astype(jnp.float32)], axis=-1
   )
   mel = signal.mel_spectrogram(both, sample_rate, window, hop, num_mels)
-  return jnp.split(mel, 2)
+  return jnp.split(mel, 2, axis=1)
 
 
 def multiscale_mel_loss(

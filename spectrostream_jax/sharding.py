@@ -123,3 +123,31 @@ def example_order(x: jax.Array, process_count: int) -> jax.Array:
   per_process = x.shape[0] // process_count
   x = x.reshape(process_count, per_process, *x.shape[1:])
   return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
+
+
+_COLLECTIVE = re.compile(
+  r'\b(all-reduce|all-gather|all-to-all|ragged-all-to-all|'
+  r'collective-permute|collective-broadcast|reduce-scatter)(-start)?\('
+)
+_COMPUTATION = re.compile(r'^(ENTRY )?%?([^\s(]+) .*\{\s*$')
+
+
+def nested_collectives(hlo_text: str) -> list[str]:
+  """Collectives of a compiled module that sit outside its entry computation.
+
+  `hlo_text` is `compiled.as_text()`. A collective inside a loop body or a
+  conditional branch is not ordered against the entry's collectives on
+  XLA:CPU, and the devices of one process may run them in different
+  orders (docs/training.md, "Collectives and the order of programs").
+  Returns 'computation: op' for each one found.
+  """
+  found, computation, entry = [], None, False
+  for line in hlo_text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header:
+      computation, entry = header.group(2), bool(header.group(1))
+      continue
+    match = _COLLECTIVE.search(line)
+    if match and computation is not None and not entry:
+      found.append(f'{computation}: {match.group(1)}')
+  return found

@@ -14,8 +14,9 @@ the start of the step):
    w.r.t. its parameters under the discriminator loss (which is what
    running it on stop_gradient(x̂) gives), so the discriminators run
    forward on 2B examples per step instead of the 4B of separate passes;
-4. the RVQ codebooks follow their EMA (k-means on the first step), the
-   optimizers step, the generator's parameter EMA follows;
+4. the RVQ codebooks follow their EMA (after `init_codebooks`, k-means,
+   which the trainer runs once as a program of its own), the optimizers
+   step, the generator's parameter EMA follows;
 5. if any loss or gradient is not finite, nothing but the step counter
    changes and `skipped` counts it.
 
@@ -32,6 +33,7 @@ import optax
 
 from spectrostream_jax import losses
 from spectrostream_jax import optim
+from spectrostream_jax import sharding
 from spectrostream_jax import state as train_state
 from spectrostream_jax.models import codec as codec_lib
 from spectrostream_jax.models import discriminator as disc_lib
@@ -101,21 +103,83 @@ def _level_metrics(counts: jax.Array) -> dict[str, jax.Array]:
   }
 
 
+def replicate(x, mesh: jax.sharding.Mesh | None):
+  """The arrays of x on every device of `mesh` (a no-op without one).
+
+  Loops that read x (the RVQ's level loop) then need no collective.
+  """
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, sharding.replicated(mesh))
+
+
+def init_codebooks(
+  config: StepConfig,
+  state: train_state.TrainState,
+  batch: dict[str, jax.Array],
+  mesh: jax.sharding.Mesh | None = None,
+) -> train_state.TrainState:
+  """k-means codebooks from the encoder's embeddings of `batch['audio']`.
+
+  The trainer runs this once, as its own program, before the first step.
+  Live and EMA parameters get the same codebooks.
+  """
+  codec = codec_lib.SpectroStream(config.codec)
+  qc = config.codec.quantizer
+  emb = codec.apply(
+    {'params': state.params}, batch['audio'], method=codec.embed
+  )
+  rng = jax.random.split(jax.random.fold_in(state.key(), state.step))[1]
+  codebook, codebooks = rvq.kmeans_init(replicate(emb, mesh), rng, qc)
+  # Replicated results keep the state's sharding from reaching into the
+  # k-means loops (which would then need collectives).
+  codebook, codebooks = replicate((codebook, codebooks), mesh)
+  if not config.ema_codebooks:
+    codebooks = codebooks.replace(
+      counts=jnp.zeros_like(codebooks.counts),
+      sums=jnp.zeros_like(codebooks.sums),
+    )
+
+  def with_codebook(params):
+    return {**params, 'quantizer': {'embedding': codebook}}
+
+  return state.replace(
+    params=with_codebook(state.params),
+    ema_params=with_codebook(state.ema_params),
+    codebooks=codebooks,
+  )
+
+
 def train_step(
-  config: StepConfig, state: train_state.TrainState, batch: dict[str, jax.Array]
+  config: StepConfig,
+  state: train_state.TrainState,
+  batch: dict[str, jax.Array],
+  mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
-  """One update of both networks on `batch['audio']` [B, T, C]."""
+  """One update of both networks on `batch['audio']` [B, T, C].
+
+  `mesh`: the batch is split over its `sharding.BATCH_AXES`; the RVQ's
+  level loop then runs per device (see `quantizer.quantize_for_training`).
+  """
   codec = codec_lib.SpectroStream(config.codec)
   disc = disc_lib.MultiScaleSTFTDiscriminator(config.discriminator)
   tx, disc_tx = optimizers(config)
   wav = batch['audio']
-  rng_quantizer, rng_codebooks = jax.random.split(
-    jax.random.fold_in(state.key(), state.step)
-  )
+  rng_quantizer = jax.random.fold_in(state.key(), state.step)
+
+  qc = config.codec.quantizer
 
   # Codec forward; the RVQ losses are outputs so their gradients flow back.
   def generate(params):
-    rec, emb, q = codec.apply({'params': params}, wav, rng_quantizer)
+    variables = {'params': params}
+    emb = codec.apply(variables, wav, method=codec.embed)
+    codebooks = replicate(params['quantizer']['embedding'], mesh)
+    q = rvq.quantize_for_training(
+      codebooks, emb, rng_quantizer, qc, mesh, sharding.BATCH_AXES
+    )
+    rec = codec.apply(
+      variables, q.decoder_input, method=codec.decode_embeddings
+    )
     return (rec, q.commitment, q.codebook_loss), (emb, q)
 
   (rec, commitment, codebook_loss), codec_vjp, (emb, q) = jax.vjp(
@@ -163,18 +227,19 @@ def train_step(
   )
   disc_params = optax.apply_updates(state.disc_params, disc_updates)
 
-  qc = config.codec.quantizer
-  codebook, codebooks, restarts = rvq.update_codebooks(
-    state.codebooks, q, emb, rng_codebooks, qc
-  )
-  if not config.ema_codebooks:
-    # Gradient-learned codebooks: k-means once, then the optimizer's.
-    codebook = jnp.where(
-      state.codebooks.initialized,
-      params['quantizer']['embedding'],
-      codebook,
+  if config.ema_codebooks:
+    # Until `init_codebooks` has run, the codebooks stay as they are.
+    codebook, codebooks, restarts = rvq.ema_update(state.codebooks, q, qc)
+    ready = state.codebooks.initialized
+    codebook = jnp.where(ready, codebook, params['quantizer']['embedding'])
+    codebooks = jax.tree.map(
+      lambda new, old: jnp.where(ready, new, old), codebooks, state.codebooks
     )
-  params = {**params, 'quantizer': {'embedding': codebook}}
+    restarts = jnp.where(ready, restarts, 0)
+    params = {**params, 'quantizer': {'embedding': codebook}}
+  else:
+    codebooks = state.codebooks
+    restarts = jnp.zeros((qc.num_levels,), jnp.int32)
 
   decay = jnp.minimum(
     config.ema_decay, (1.0 + state.step) / (10.0 + state.step)
@@ -227,6 +292,7 @@ def evaluate(
   params,
   wav: jax.Array,
   levels: Sequence[int],
+  mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[dict[str, jax.Array], jax.Array]:
   """Per-example mel distance and SI-SDR at each number of RVQ levels.
 
@@ -235,7 +301,8 @@ def evaluate(
   [len(levels), B, T', C]).
   """
   codec = codec_lib.SpectroStream(config.codec)
-  variables = {'params': params}
+  codebooks = replicate(params['quantizer']['embedding'], mesh)
+  variables = {'params': {**params, 'quantizer': {'embedding': codebooks}}}
   codes = codec.apply(variables, wav, max(levels), method=codec.encode)
   recs, metrics = [], {}
   for n in levels:

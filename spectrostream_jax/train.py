@@ -24,6 +24,7 @@ import os
 import pathlib
 import sys
 import time
+from typing import Any, NamedTuple
 
 from absl import app
 from absl import flags
@@ -106,7 +107,6 @@ def train(
   device_mesh = sharding.make_mesh(mesh)
   processes = jax.process_count()
   batch_sharding = sharding.batch_sharding(device_mesh)
-  replicated = sharding.replicated(device_mesh)
   logging.info('mesh %s over %d processes', dict(device_mesh.shape), processes)
 
   # ---------------------------------------------------------------- Data
@@ -181,28 +181,13 @@ def train(
   }
 
   # ---------------------------------------------------------------- Step
-  def update(state, batch):
-    audio = sharding.example_order(batch['audio'], processes)
-    return step_lib.train_step(model, state, {'audio': audio})
-
-  def evaluate(params, batch):
-    wav = sharding.example_order(batch['audio'], processes)
-    metrics, recs = step_lib.evaluate(model, params, wav, levels)
-    means = {k: jnp.mean(v) for k, v in metrics.items()}
-    return means, wav[:audio_examples], recs[:, :audio_examples]
-
-  start = time.perf_counter()
-  train_step = (
-    jax.jit(
-      update,
-      in_shardings=(state_sharding, batch_sharding),
-      out_shardings=(state_sharding, replicated),
-      donate_argnums=(0,),
-    )
-    .lower(abstract, batch_shape)
-    .compile()
+  programs = jit_programs(
+    model, device_mesh, processes, state_sharding, levels, audio_examples
   )
+  start = time.perf_counter()
+  train_step = programs.train_step.lower(abstract, batch_shape).compile()
   compile_seconds = time.perf_counter() - start
+  check_collective_order(train_step, 'the train step')
   memory = train_step.memory_analysis()
   cost = train_step.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
@@ -215,11 +200,6 @@ def train(
     memory.output_size_in_bytes / 2**20,
     memory.temp_size_in_bytes / 2**20,
   )
-  eval_step = jax.jit(
-    evaluate,
-    in_shardings=(state_sharding.ema_params, {'audio': batch_sharding}),
-    out_shardings=replicated,
-  )
 
   # ---------------------------------------------------------------- Loop
   writer = train_logging.Writer(os.path.join(workdir, 'tensorboard'))
@@ -227,10 +207,16 @@ def train(
   progress = train_logging.Progress(first_step, num_steps)
   skips = collections.Counter()
   skipped = 0
+  # A replicated scalar: every process reads the same value, no collective.
+  needs_codebooks = not bool(jax.device_get(state.codebooks.initialized))
   for step in range(first_step + 1, num_steps + 1):
     batch = next(train_iter)
     skips.update(pipeline.skip_counts(batch))  # This process's share.
-    state, metrics = train_step(state, global_audio(batch))
+    batch = global_audio(batch)
+    if needs_codebooks:
+      state = programs.init_codebooks(state, batch)
+      needs_codebooks = False
+    state, metrics = train_step(state, batch)
     progress.update(step)
 
     if step % log_every == 0 or step in (first_step + 1, num_steps):
@@ -252,7 +238,13 @@ def train(
     eval_metrics = None
     if eval_every and (step % eval_every == 0 or step == num_steps):
       eval_metrics = _evaluate(
-        eval_step, state.ema_params, held_out, eval_kbps, codec, writer, step
+        programs.evaluate,
+        state.ema_params,
+        held_out,
+        eval_kbps,
+        codec,
+        writer,
+        step,
       )
       progress.restart_clock()
     preempted = ckpt.reached_preemption(step)
@@ -273,6 +265,84 @@ def train(
   ckpt.close()
   writer.close()
   return state
+
+
+class Programs(NamedTuple):
+  """The jitted programs of a run (not yet compiled)."""
+
+  train_step: Any  # (state, batch) -> (state, metrics); state donated
+  init_codebooks: Any  # (state, batch) -> state; once, before step 1
+  evaluate: Any  # (ema params, batch) -> (means, references, recs)
+
+
+def jit_programs(
+  model: step_lib.StepConfig,
+  mesh: jax.sharding.Mesh,
+  processes: int,
+  state_sharding: Any,
+  levels: list[int],
+  audio_examples: int,
+) -> Programs:
+  """The run's programs with their shardings.
+
+  Batches arrive as global arrays assembled from per-process slices;
+  every program first puts them in example order.
+  """
+  batch_sharding = sharding.batch_sharding(mesh)
+  replicated = sharding.replicated(mesh)
+
+  def in_order(batch):
+    audio = sharding.example_order(batch['audio'], processes)
+    return {'audio': jax.lax.with_sharding_constraint(audio, batch_sharding)}
+
+  def update(state, batch):
+    return step_lib.train_step(model, state, in_order(batch), mesh)
+
+  def init_codebooks(state, batch):
+    return step_lib.init_codebooks(model, state, in_order(batch), mesh)
+
+  def evaluate(params, batch):
+    wav = in_order(batch)['audio']
+    metrics, recs = step_lib.evaluate(model, params, wav, levels, mesh)
+    means = {k: jnp.mean(v) for k, v in metrics.items()}
+    return means, wav[:audio_examples], recs[:, :audio_examples]
+
+  return Programs(
+    train_step=jax.jit(
+      update,
+      in_shardings=(state_sharding, batch_sharding),
+      out_shardings=(state_sharding, replicated),
+      donate_argnums=(0,),
+    ),
+    init_codebooks=jax.jit(
+      init_codebooks,
+      in_shardings=(state_sharding, batch_sharding),
+      out_shardings=state_sharding,
+      donate_argnums=(0,),
+    ),
+    evaluate=jax.jit(
+      evaluate,
+      in_shardings=(state_sharding.ema_params, {'audio': batch_sharding}),
+      out_shardings=replicated,
+    ),
+  )
+
+
+def check_collective_order(compiled: Any, what: str) -> None:
+  """Refuses a program whose collectives could run out of order.
+
+  On several CPU processes a collective inside a loop or a conditional
+  is not ordered against the others and aborts the run at random
+  (docs/training.md, "Collectives and the order of programs").
+  """
+  if jax.process_count() == 1 or jax.default_backend() != 'cpu':
+    return
+  nested = sharding.nested_collectives(compiled.as_text())
+  if nested:
+    raise RuntimeError(
+      f'{what} has collectives inside loops or conditionals, which CPU '
+      f'processes may run in different orders: {", ".join(nested[:5])}'
+    )
 
 
 def _evaluate(eval_step, params, held_out, kbps, codec, writer, step):

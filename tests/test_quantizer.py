@@ -9,6 +9,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
+from spectrostream_jax import sharding
 from spectrostream_jax.models import quantizer as rvq
 
 CFG = rvq.QuantizerConfig(num_levels=4, codebook_size=16, dim=8)
@@ -167,42 +168,44 @@ def test_ema_codebooks_move_toward_the_data_and_restart_dead_codes():
   assert np.abs(np.asarray(cb[0, 7])).max() < 20
 
 
-def test_update_codebooks_initialises_once():
-  cfg = rvq.QuantizerConfig(num_levels=2, codebook_size=8, dim=4)
-  rng = np.random.default_rng(5)
-  z = jnp.asarray(rng.standard_normal((32, 4, 4)), jnp.float32)
-  cb = jnp.zeros((2, 8, 4))
-  state = rvq.CodebookState.create(cfg)
-  out = rvq.quantize_for_training(cb, z, jax.random.key(0), cfg)
-  cb1, state1, _ = rvq.update_codebooks(state, out, z, jax.random.key(1), cfg)
-  assert bool(state1.initialized) and float(jnp.abs(cb1).max()) > 0
-  out = rvq.quantize_for_training(cb1, z, jax.random.key(0), cfg)
-  cb2, state2, _ = rvq.update_codebooks(state1, out, z, jax.random.key(1), cfg)
-  # Second call is an EMA step: counts decay toward the batch counts.
-  np.testing.assert_allclose(
-    state2.counts, 0.99 * state1.counts + 0.01 * out.counts, rtol=1e-5
-  )
+@pytest.mark.parametrize('mesh_shape', [(8, 1), (2, 4)])
+def test_per_device_level_loop_equals_one_device(mesh_shape):
+  """Split over 8 devices (shard_map), every output and gradient is global.
 
-
-def test_statistics_are_global_across_devices():
-  """Sharded over 8 devices, counts equal the single-device counts."""
+  The level loop then holds no collective: its statistics are summed over
+  devices after the loop, the codebook gradient at one cast before it.
+  """
   assert jax.device_count() == 8
   mesh = jax.make_mesh(
-    (8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,)
+    mesh_shape, ('data', 'fsdp'), axis_types=(jax.sharding.AxisType.Auto,) * 2
   )
   rng = np.random.default_rng(6)
   cb = jnp.asarray(rng.standard_normal((4, 16, 8)), jnp.float32)
   z = rng.standard_normal((16, 3, 8)).astype(np.float32)
-  fn = jax.jit(
-    lambda cb, z: rvq.quantize_for_training(cb, z, jax.random.key(0), CFG)
-  )
-  single = fn(cb, jnp.asarray(z))
-  sharded_z = jax.device_put(z, NamedSharding(mesh, P('data')))
-  multi = fn(cb, sharded_z)
-  assert len(multi.decoder_input.sharding.device_set) == 8
-  np.testing.assert_array_equal(single.counts, multi.counts)
-  np.testing.assert_allclose(single.sums, multi.sums, atol=1e-5)
-  np.testing.assert_array_equal(np.asarray(single.counts).sum(-1), 48)
+
+  def loss(cb, z, mesh=None):
+    out = rvq.quantize_for_training(
+      cb, z, jax.random.key(0), CFG, mesh, ('data', 'fsdp')
+    )
+    total = jnp.sum(out.decoder_input**2) + jnp.sum(out.codebook_loss)
+    return total + jnp.sum(out.commitment), out
+
+  grad = jax.value_and_grad(loss, (0, 1), has_aux=True)
+  single = jax.jit(grad)(cb, jnp.asarray(z))
+  sharded_z = jax.device_put(z, NamedSharding(mesh, P(('data', 'fsdp'))))
+  sharded = jax.jit(lambda cb, z: grad(cb, z, mesh))
+  multi = sharded(cb, sharded_z)
+  (_, out), _ = multi
+  assert len(out.decoder_input.sharding.device_set) == 8
+  assert len(out.codes.sharding.device_set) == 8
+  np.testing.assert_array_equal(single[0][1].counts, out.counts)
+  np.testing.assert_array_equal(single[0][1].codes, out.codes)
+  np.testing.assert_array_equal(single[0][1].candidates, out.candidates)
+  np.testing.assert_array_equal(np.asarray(out.counts).sum(-1), 48)
+  for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(multi), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  hlo = sharded.lower(cb, sharded_z).compile().as_text()
+  assert sharding.nested_collectives(hlo) == []
 
 
 @pytest.mark.parametrize(

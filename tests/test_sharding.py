@@ -3,6 +3,7 @@
 import functools
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
@@ -93,3 +94,26 @@ def test_example_order_undoes_the_per_process_slicing():
   out = jax.jit(sharding.example_order, static_argnums=1)(x, processes)
   np.testing.assert_array_equal(out, examples)
   assert sharding.example_order(x, 1) is x
+
+
+def test_nested_collectives_finds_a_reduction_inside_a_loop():
+  """A batch sum inside a scan is a collective in the loop body."""
+  mesh = sharding.make_mesh(sharding.MeshConfig())
+  x = jax.device_put(np.ones((8, 4), np.float32), sharding.batch_sharding(mesh))
+
+  def looped(x):
+    def body(c, _):
+      return c + jnp.sum(jnp.tanh(x + c), axis=0), None
+
+    return jax.lax.scan(body, jnp.zeros(4), None, length=3)[0]
+
+  def flat(x):
+    return jnp.sum(jnp.tanh(x), axis=0)
+
+  nested = sharding.nested_collectives(
+    jax.jit(looped).lower(x).compile().as_text()
+  )
+  assert nested and all(n.endswith(': all-reduce') for n in nested), nested
+  top = jax.jit(flat).lower(x).compile().as_text()
+  assert 'all-reduce' in top
+  assert sharding.nested_collectives(top) == []

@@ -47,9 +47,12 @@ ARGS = (
   '--gin.transforms.AudioConfig.crop_samples=7680',
   # Well-conditioned k-means: 32 embeddings per batch for 8 codes, not 64.
   '--gin.quantizer.QuantizerConfig.codebook_size=8',
-  # Adam turns a gradient that is zero up to rounding into a ±lr step; a
-  # larger eps keeps such steps far below the tolerance.
-  '--gin.optim.OptimizerConfig.eps=1e-6',
+  # Adam's first steps move a parameter by lr · g / (|g| + eps): an element
+  # whose gradient is zero up to rounding (which is ~1e-5 next to a
+  # gradient norm of ~3e3, so it differs between device layouts, measured
+  # 1.5e-6 vs 1.2e-5 for one kernel element) would step by up to ±lr.
+  # eps = 1e-3 keeps such steps near lr / 100, far below the tolerance.
+  '--gin.optim.OptimizerConfig.eps=1e-3',
   # 2, 4 and 8 levels of 3 bits.
   '--gin.train.eval_kbps=(0.15, 0.3, 0.6)',
 )
@@ -59,9 +62,22 @@ TIMEOUT = 420
 # devices; measured: < 1e-5). The discriminators' hinge loss has a kink at
 # logits ±1, where rounding switches a term on or off: 5 % (measured:
 # 1.2e-4).
+# 1.2e-4). EMA codebooks are means of a few embeddings each, which carry
+# the encoder's rounding: 5 % as well (measured: 5.9e-5).
 ATOL = 4e-5
 DISC_ATOL = 2e-4
-LOSSES = ('g/total', 'g/mel', 'g/feat', 'd/loss', 'vq/commit')
+CODEBOOK_ATOL = 2e-4
+# Logged losses agree to `rel` between device layouts. The commitment is
+# the small residual left after the nearest codes, and feature matching a
+# mean of ratios: rounding moves them ~1e-4 relative by step 4 (measured
+# 9e-5 and 2e-5).
+LOSSES = {
+  'g/total': 1e-5,
+  'g/mel': 1e-5,
+  'g/feat': 1e-4,
+  'd/loss': 1e-5,
+  'vq/commit': 1e-3,
+}
 
 
 @pytest.fixture(scope='module')
@@ -184,16 +200,18 @@ def test_same_numbers_on_1_and_8_devices_and_2_processes(tmp_path, cache):
   logged = events(tmp_path / 'eight')
   for other in ('one', 'two'):
     other_logged = events(tmp_path / other)
-    for tag in LOSSES:
+    for tag, rel in LOSSES.items():
       assert sorted(other_logged[tag]) == list(range(1, STEPS + 1))
       for i, value in other_logged[tag].items():
-        assert value == pytest.approx(logged[tag][i], rel=1e-5), (tag, i)
+        assert value == pytest.approx(logged[tag][i], rel=rel), (tag, i)
     state = load_state(tmp_path / other, STEPS)
     assert int(state['step']) == STEPS
-    assert_params_close(state['params'], reference['params'], 1e-3, ATOL)
-    assert_params_close(
-      state['ema_params'], reference['ema_params'], 1e-3, ATOL
-    )
+    for name in ('params', 'ema_params'):
+      ours, theirs = dict(state[name]), dict(reference[name])
+      assert_params_close(
+        ours.pop('quantizer'), theirs.pop('quantizer'), 1e-3, CODEBOOK_ATOL
+      )
+      assert_params_close(ours, theirs, 1e-3, ATOL)
     assert_params_close(
       state['disc_params'], reference['disc_params'], 1e-3, DISC_ATOL
     )

@@ -5,17 +5,21 @@ to the running residual. Training (SoundStream recipe) runs all levels on the
 unmasked residual chain so every level gets its loss every step, while the
 decoder sees only the first n levels per example (biased level dropout) or
 the continuous embedding (bypass). Codebooks learn by EMA of assignments, are
-initialised by k-means on the first batch and restart dead codes from the
-current batch. All statistics are reductions over global arrays inside `jit`,
-so they are global over devices and hosts by construction.
+initialised by k-means (a separate program the trainer runs once) and
+restart dead codes from the current batch. All statistics are global over
+devices and hosts: reductions over global arrays, or per-device partial
+sums reduced once after the level loop.
 """
 
 import dataclasses
+import functools
+import math
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,45 +171,42 @@ def quantize_for_training(
   z: jax.Array,
   rng: jax.Array,
   config: QuantizerConfig,
+  mesh: jax.sharding.Mesh | None = None,
+  batch_axes: tuple[str, ...] = (),
 ) -> QuantizerOutput:
-  """Runs all levels on the unmasked chain; see the module docstring."""
+  """Runs all levels on the unmasked chain; see the module docstring.
+
+  With a `mesh`, z's batch is split over `batch_axes` and each device runs
+  the level loop on its own rows under `shard_map`; the statistics are
+  summed over devices once, after the loop. No collective runs inside the
+  loop: docs/training.md, "Collectives and the order of programs", says
+  why that matters on several processes.
+  """
   z = z.astype(jnp.float32)
   b = z.shape[0]
-  k = codebooks.shape[1]
+  num_levels, k = codebooks.shape[:2]
   rng_levels, rng_cand = jax.random.split(rng)
   n, bypass = sample_training_levels(rng_levels, b, config)
   rows = z.reshape(-1, z.shape[-1]).shape[0]
-  cand_idx = jax.random.randint(rng_cand, (codebooks.shape[0], k), 0, rows)
-
-  def level(carry, xs):
-    residual, acc = carry
-    codebook, index, cand = xs
-    chain = jax.lax.stop_gradient(residual)
-    code = nearest_code(chain, jax.lax.stop_gradient(codebook))
-    chosen = jnp.take(codebook, code, axis=0)
-    commit = jnp.mean(jnp.square(residual - jax.lax.stop_gradient(chosen)))
-    cb_loss = jnp.mean(jnp.square(chain - chosen))
-    keep = (index < n)[:, None, None]
-    acc = acc + jnp.where(keep, jax.lax.stop_gradient(chosen), 0.0)
-    onehot = jax.nn.one_hot(code.reshape(-1), k, dtype=jnp.float32)
-    flat = chain.reshape(-1, chain.shape[-1])
-    stats = (
-      onehot.sum(0),
-      jnp.einsum('mk,md->kd', onehot, flat, precision='highest'),
-      jnp.take(flat, cand, axis=0),
+  cand_idx = jax.random.randint(rng_cand, (num_levels, k), 0, rows)
+  loop = functools.partial(_level_loop, elements=z.size)
+  shards = 1 if mesh is None else math.prod(mesh.shape[a] for a in batch_axes)
+  if shards > 1:
+    batch = P(batch_axes)
+    loop = jax.shard_map(
+      functools.partial(loop, batch_axes=batch_axes),
+      mesh=mesh,
+      in_specs=(P(), batch, batch, P()),
+      out_specs=(batch, batch, P(), P(), P(), P(), P()),
     )
-    residual = residual - jax.lax.stop_gradient(chosen)
-    return (residual, acc), (code, commit, cb_loss, *stats)
-
-  levels = jnp.arange(codebooks.shape[0])
-  (_, quantized), (codes, commit, cb_loss, counts, sums, cands) = jax.lax.scan(
-    level, (z, jnp.zeros_like(z)), (codebooks, levels, cand_idx)
+  quantized, codes, commit, cb_loss, counts, sums, cands = loop(
+    codebooks, z, n, cand_idx
   )
   straight_through = z + jax.lax.stop_gradient(quantized - z)
   decoder_input = jnp.where(bypass[:, None, None], z, straight_through)
   return QuantizerOutput(
     decoder_input=decoder_input,
-    codes=jnp.moveaxis(codes, 0, -1),
+    codes=codes,
     num_levels=jnp.where(bypass, 0, n),
     bypassed=bypass,
     commitment=commit,
@@ -213,6 +214,72 @@ def quantize_for_training(
     counts=counts,
     sums=sums,
     candidates=cands,
+  )
+
+
+def _level_loop(
+  codebooks: jax.Array,
+  z: jax.Array,
+  n: jax.Array,
+  cand_idx: jax.Array,
+  elements: int,
+  batch_axes: tuple[str, ...] = (),
+):
+  """The level loop over this device's rows of z [b, N, D].
+
+  Returns (quantized [b, N, D], codes [b, N, L], commitment [L],
+  codebook loss [L], counts [L, K], sums [L, K, D], candidates [L, K, D]);
+  the last five are global: partial sums reduced over `batch_axes` after
+  the loop. `cand_idx` [L, K] indexes the global rows; `elements` is the
+  global size of z.
+  """
+  k = codebooks.shape[1]
+  flat_rows = z.shape[0] * z.shape[1]
+  first_row = 0
+  if batch_axes:
+    first_row = jax.lax.axis_index(batch_axes) * flat_rows
+    # Per-device from here on: the gradient's sum over devices is then
+    # one psum at this cast, not one per level inside the loop.
+    codebooks = jax.lax.pcast(codebooks, batch_axes, to='varying')
+
+  def level(carry, xs):
+    residual, acc = carry
+    codebook, index, cand = xs
+    chain = jax.lax.stop_gradient(residual)
+    code = nearest_code(chain, jax.lax.stop_gradient(codebook))
+    chosen = jnp.take(codebook, code, axis=0)
+    commit = jnp.sum(jnp.square(residual - jax.lax.stop_gradient(chosen)))
+    cb_loss = jnp.sum(jnp.square(chain - chosen))
+    keep = (index < n)[:, None, None]
+    acc = acc + jnp.where(keep, jax.lax.stop_gradient(chosen), 0.0)
+    onehot = jax.nn.one_hot(code.reshape(-1), k, dtype=jnp.float32)
+    flat = chain.reshape(-1, chain.shape[-1])
+    local = cand - first_row
+    mine = (local >= 0) & (local < flat_rows)
+    picked = jnp.take(flat, jnp.clip(local, 0, flat_rows - 1), axis=0)
+    stats = (
+      onehot.sum(0),
+      jnp.einsum('mk,md->kd', onehot, flat, precision='highest'),
+      jnp.where(mine[:, None], picked, 0.0),
+    )
+    residual = residual - jax.lax.stop_gradient(chosen)
+    return (residual, acc), (code, commit, cb_loss, *stats)
+
+  levels = jnp.arange(codebooks.shape[0])
+  (_, quantized), (codes, *partial) = jax.lax.scan(
+    level, (z, jnp.zeros_like(z)), (codebooks, levels, cand_idx)
+  )
+  if batch_axes:
+    partial = jax.lax.psum(partial, batch_axes)
+  commit, cb_loss, counts, sums, cands = partial
+  return (
+    quantized,
+    jnp.moveaxis(codes, 0, -1),
+    commit / elements,
+    cb_loss / elements,
+    counts,
+    sums,
+    cands,
   )
 
 
@@ -254,26 +321,6 @@ def ema_update(
   sums = jnp.where(dead[..., None], new * counts[..., None], sums)
   state = CodebookState(counts=counts, sums=sums, initialized=state.initialized)
   return new, state, jnp.sum(dead, axis=-1).astype(jnp.int32)
-
-
-def update_codebooks(
-  state: CodebookState,
-  out: QuantizerOutput,
-  z: jax.Array,
-  rng: jax.Array,
-  config: QuantizerConfig,
-) -> tuple[jax.Array, CodebookState, jax.Array]:
-  """The train step's codebook update: k-means on first use, then EMA."""
-
-  def from_data():
-    cb, st = kmeans_init(z, rng, config)
-    return cb, st, jnp.zeros((config.num_levels,), jnp.int32)
-
-  return jax.lax.cond(
-    state.initialized,
-    lambda: ema_update(state, out, config),
-    from_data,
-  )
 
 
 def _kmeans_plus_plus(x: jax.Array, k: int, key: jax.Array) -> jax.Array:
