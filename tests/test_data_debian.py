@@ -1,4 +1,4 @@
-"""The Debian soundtrack corpus, with apt faked (no network in tests).
+"""The Debian corpora (soundtracks; lossless loops), with apt faked.
 
 The real fetch is run by hand: `spectrostream-data fetch-debian-music DIR`
 (docs/data.md lists what it produced on the development machine).
@@ -16,6 +16,7 @@ import soundfile as sf
 
 from spectrostream_jax.data import debian
 from spectrostream_jax.data import index as index_lib
+from spectrostream_jax.data import lossless
 
 DEP5 = """Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
 Upstream-Name: Warzone 2100
@@ -191,3 +192,103 @@ def test_fetch_builds_a_split_licensed_manifest(tmp_path, monkeypatch):
   }
   with pytest.raises(index_lib.DataError, match='not empty'):
     debian.fetch(str(out))
+
+
+SONIC = lossless.PACKAGES[0]
+SONIC_COPYRIGHT = """Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
+Upstream-Name: Sonic Pi
+
+Files: *
+Copyright: 2016 Samuel Aaron
+License: MIT
+
+Files: etc/samples/loop_a.flac
+Copyright: 2013 someone
+License: CC0
+
+Files: etc/samples/ambi_b.flac
+Copyright: 2013 someone
+License: CC0
+
+Files: etc/samples/guit_mono.flac
+Copyright: 2013 someone
+License: CC0
+
+Files: etc/samples/bass_short.flac
+Copyright: 2013 someone
+License: CC0
+
+Files: etc/samples/bd_kick.flac
+Copyright: 2013 someone
+License: CC0
+"""
+
+
+@pytest.mark.skipif(not shutil.which('dpkg-deb'), reason='needs dpkg-deb')
+def test_lossless_fetch_takes_licensed_stereo_music_only(tmp_path, monkeypatch):
+  """Per-file CC0 stanzas, stereo, >= 1 s, musical names; all 'eval'."""
+  root = tmp_path / 'pkg'
+  (root / 'DEBIAN').mkdir(parents=True)
+  (root / 'DEBIAN/control').write_text(
+    f'Package: {SONIC.name}\nVersion: {SONIC.version}\nArchitecture: all\n'
+    'Maintainer: test <t@example.org>\nDescription: test\n'
+  )
+  _write(root, SONIC.copyright, SONIC_COPYRIGHT)
+  _write(
+    root, SONIC.evidence[0][0], f'All samples have been {SONIC.evidence[0][1]}'
+  )
+  rng = np.random.default_rng(0)
+  files = {
+    'loop_a.flac': (2.0, 2),  # taken
+    'ambi_b.flac': (1.2, 2),  # taken
+    'loop_nostanza.flac': (2.0, 2),  # only `Files: *` (MIT): left out
+    'guit_mono.flac': (2.0, 1),  # mono: left out
+    'bass_short.flac': (0.5, 2),  # under a second: left out
+    'bd_kick.flac': (2.0, 2),  # a drum hit, not in `include`: ignored
+  }
+  for name, (seconds, channels) in files.items():
+    sf.write(
+      root / SONIC.music_dir / name,
+      0.1 * rng.standard_normal((int(seconds * 44_100), channels)),
+      44_100,
+    )
+  deb = tmp_path / SONIC.deb
+  subprocess.run(
+    ['dpkg-deb', '--build', '--root-owner-group', str(root), str(deb)],
+    check=True,
+    capture_output=True,
+  )
+
+  def fake_download(package, directory, pinned):
+    del pinned
+    assert package is SONIC
+    return shutil.copy(deb, directory)
+
+  monkeypatch.setattr(debian, 'download', fake_download)
+  out = tmp_path / 'lossless'
+  summary = lossless.fetch(str(out))
+  rows = [
+    json.loads(x) for x in (out / 'manifest.jsonl').read_text().splitlines()
+  ]
+  assert [r['path'] for r in rows] == [
+    'audio/sonic-pi-samples/ambi_b.flac',
+    'audio/sonic-pi-samples/loop_a.flac',
+  ]
+  assert {r['split'] for r in rows} == {'eval'}
+  assert {r['license'] for r in rows} == {'CC0-1.0'}
+  assert rows[0]['license_files'] == [
+    'licenses/sonic-pi-samples/copyright',
+    'licenses/sonic-pi-samples/README.md',
+  ]
+  assert (rows[0]['sample_rate'], rows[0]['channels']) == (44_100, 2)
+  assert summary['splits']['eval']['files'] == 2
+  assert summary['packages'][SONIC.name]['left_out'] == 3
+  # A README that no longer says CC0 stops the fetch.
+  _write(root, SONIC.evidence[0][0], 'All rights reserved')
+  subprocess.run(
+    ['dpkg-deb', '--build', '--root-owner-group', str(root), str(deb)],
+    check=True,
+    capture_output=True,
+  )
+  with pytest.raises(index_lib.DataError, match='README'):
+    lossless.fetch(str(tmp_path / 'again'))

@@ -1,4 +1,8 @@
-"""`spectrostream-eval` end to end on generated clips and a tiny model."""
+"""`spectrostream-eval` end to end on generated clips and a tiny model.
+
+With the `eval` extra (the README's test command installs it), so
+ViSQOL and the PyAV baselines run: their absence fails these tests.
+"""
 
 import csv
 import json
@@ -11,10 +15,10 @@ import soundfile as sf
 
 from spectrostream_jax import inference
 from spectrostream_jax import weights
+from spectrostream_jax.evaluation import baselines
 from spectrostream_jax.evaluation import clips
 from spectrostream_jax.evaluation import ladder
 from spectrostream_jax.evaluation import metrics
-from spectrostream_jax.evaluation import opus
 from spectrostream_jax.evaluation import report
 from spectrostream_jax.models import codec as codec_lib
 
@@ -38,7 +42,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
-  """Two 1.3 s stereo tracks, a corrupt file and one too short."""
+  """Two 1.3 s stereo tracks, a corrupt file and one too short (0.1 s)."""
   out = tmp_path_factory.mktemp('eval_data')
   rng = np.random.default_rng(0)
   t = np.arange(int(1.3 * SR)) / SR
@@ -74,6 +78,11 @@ def results(codec, model_dir, data_dir, tmp_path_factory):
     return out, json.load(f)
 
 
+def test_eval_extra_is_installed():
+  assert metrics.visqol_missing() is None
+  assert baselines.missing() is None
+
+
 def test_files_written(results):
   out, _ = results
   names = set(os.listdir(out))
@@ -82,6 +91,8 @@ def test_files_written(results):
   assert 'mel_distance.png' in os.listdir(out / 'plots')
   table = (out / 'results.md').read_text()
   assert '| 0.45 | spectrostream |' in table and '## Codebooks' in table
+  assert '| track0.wav | ' in table and '| 1.00 |' in table  # durations
+  assert '| mp3 | LAME 3.' in table
   with open(out / 'results.csv') as f:
     rows = list(csv.DictReader(f))
   assert {r['clip'] for r in rows} == {'track0.wav', 'track1.wav', 'mean'}
@@ -93,11 +104,31 @@ def test_json_structure(results, codec):
   assert r['model']['model_id'] == codec.model_id
   assert r['environment']['versions']['jax']
   assert [c['name'] for c in r['data']['clips']] == ['track0.wav', 'track1.wav']
+  assert [c['seconds'] for c in r['data']['clips']] == [1.0, 1.0]
   assert r['data']['skipped'] == {'too_short': 1, 'unreadable': 1}
-  systems = ['spectrostream'] + (['opus'] if opus.find() else [])
+  assert r['config']['visqol'] and r['config']['baselines'] == [
+    'opus',
+    'aac',
+    'mp3',
+  ]
+  systems = ['spectrostream', 'opus', 'aac', 'mp3']
   assert [(x['kbps_requested'], x['system']) for x in r['rows']] == [
     (k, s) for k in (0.45, 0.5) for s in systems
   ]
+  for row in r['rows'][1:4]:
+    # Below every classic codec's floor: each runs at its lowest rate, once
+    # for both requests, and the notes say so.
+    floor = baselines.BASELINES[row['system']].min_kbps
+    assert row['kbps_target'] == floor and 0 < row['kbps'] < 1.5 * floor
+    assert row['library'] == r['environment']['baselines'][row['system']]
+    twin = r['rows'][row_index(r, 0.5, row['system'])]
+    assert twin['mean'] == row['mean']
+    assert (
+      f'{row["system"]} cannot be held below {floor:g} kbps: its rows at '
+      f'0.45, 0.5 kbps ran at {floor:g} kbps.'
+    ) in r['notes']
+  # One such note per codec, none for rows that ran as asked.
+  assert sum(': its rows at ' in n for n in r['notes']) == 3
   neural = [x for x in r['rows'] if x['system'] == 'spectrostream']
   assert [x['levels'] for x in neural] == [3, 3]
   assert neural[0]['kbps'] == neural[1]['kbps'] == pytest.approx(0.45)
@@ -106,9 +137,7 @@ def test_json_structure(results, codec):
     assert 0 < row['codes']['entropy_kbps'] <= row['kbps'] + 1e-9
   books = r['codebooks']
   assert len(books['perplexity']) == 3 and books['frames'] == 2 * 25
-  keys = set(metrics.SCALAR_METRICS)
-  if r['config']['visqol']:
-    keys.add('visqol')
+  keys = {*metrics.SCALAR_METRICS, 'visqol'}
   for row in r['rows']:
     assert len(row['clips']) == 2
     for clip in row['clips']:
@@ -123,6 +152,14 @@ def test_json_structure(results, codec):
       assert math.isfinite(row['mean'][key]), (row['system'], key)
 
 
+def row_index(r, kbps, system):
+  return next(
+    i
+    for i, x in enumerate(r['rows'])
+    if (x['kbps_requested'], x['system']) == (kbps, system)
+  )
+
+
 def test_same_results_without_worker_processes(results, codec, data_dir):
   _, r = results
   data = clips.load(data_dir, 1.0)
@@ -131,8 +168,8 @@ def test_same_results_without_worker_processes(results, codec, data_dir):
     codec,
     data,
     rates,
-    opus_tools=opus.find(),
-    visqol=r['config']['visqol'],
+    baselines=list(ladder.DEFAULT_BASELINES),
+    visqol=True,
     workers=0,
   )
   inline = json.loads(json.dumps(report.finite_or_none(inline)))
@@ -146,6 +183,11 @@ def test_same_results_without_worker_processes(results, codec, data_dir):
     (['--model', '{model}', '--data', '{empty}'], 'no audio files'),
     (['--model', '{model}', '--data', '{data}', '--kbps', '2,x'], 'numbers'),
     (['--model', '{model}', '--data', '{data}', '--kbps', '0'], '> 0'),
+    (['--model', '{model}', '--data', '{data}', '--baselines', 'ogg'], 'ogg'),
+    (
+      ['--model', '{model}', '--data', '{data}', '--clip-seconds', '0.5'],
+      'at least 1 s',
+    ),
   ],
 )
 def test_bad_input_is_one_line(
@@ -153,7 +195,8 @@ def test_bad_input_is_one_line(
 ):
   paths = {'model': model_dir, 'data': data_dir, 'empty': str(tmp_path)}
   argv = [a.format(**paths) for a in args] + ['--out', str(tmp_path / 'o')]
-  code = ladder.main(argv) if '--kbps' not in args else None
+  usage = {'--kbps', '--baselines'} & set(args)
+  code = ladder.main(argv) if not usage else None
   if code is None:
     with pytest.raises(SystemExit) as e:
       ladder.main(argv)
@@ -162,8 +205,10 @@ def test_bad_input_is_one_line(
   assert code != 0 and message in err and len(err.splitlines()) == 1
 
 
-def test_without_opus_the_neural_rows_are_unchanged(results, codec, data_dir):
-  """--no-opus (or no opus-tools, as in CI) leaves only the codec's rows."""
+def test_without_baselines_the_neural_rows_are_unchanged(
+  results, codec, data_dir
+):
+  """--baselines none leaves only the codec's rows, with the same values."""
   _, r = results
   data = clips.load(data_dir, 1.0)
   rates, _ = ladder.rates_for(codec, [0.45, 0.5])
@@ -176,3 +221,23 @@ def test_without_opus_the_neural_rows_are_unchanged(results, codec, data_dir):
   for got, ref in zip(alone['rows'], want, strict=True):
     for key, value in got['mean'].items():
       assert value == ref['mean'][key], key
+
+
+def test_short_files_are_evaluated_whole(data_dir, tmp_path):
+  """Clips longer than a file take the file whole, resampled or not."""
+  sf.write(
+    tmp_path / 'cd.wav',
+    0.2 * np.random.default_rng(1).standard_normal((int(1.5 * 44_100), 2)),
+    44_100,
+  )
+  for name in ('track0.wav', 'track1.wav'):
+    (tmp_path / name).symlink_to(os.path.join(data_dir, name))
+  data = clips.load(str(tmp_path), 10.0)
+  seconds = {c.name: c.seconds for c in data.clips}
+  assert seconds['track0.wav'] == seconds['track1.wav'] == 1.3
+  # Resampled: the last few samples lack the resampler's context.
+  assert seconds['cd.wav'] == pytest.approx(1.5, abs=4 / 48_000)
+  assert all(c.start_seconds == 0 for c in data.clips)
+  # The clip is the file: the same samples as reading it directly.
+  whole, _ = sf.read(os.path.join(data_dir, 'track0.wav'), dtype='float32')
+  np.testing.assert_array_equal(data.clips[1].audio, whole)

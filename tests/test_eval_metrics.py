@@ -1,8 +1,15 @@
-"""Evaluation metrics on cases with known answers, and the Opus wrapper."""
+"""Evaluation metrics on cases with known answers, and the opus-tools wrapper.
+
+ViSQOL is part of the `eval` extra that the README's test command
+installs: when it is missing these tests fail, they do not skip.
+"""
 
 import numpy as np
 import pytest
 
+from spectrostream_jax.data import synthetic
+from spectrostream_jax.evaluation import baselines
+from spectrostream_jax.evaluation import degrade
 from spectrostream_jax.evaluation import metrics
 from spectrostream_jax.evaluation import opus
 
@@ -31,12 +38,13 @@ def identical(ref):
 def needs_visqol():
   missing = metrics.visqol_missing()
   if missing:
-    pytest.skip(missing)
+    pytest.fail(f"{missing} (the README's test command installs it)")
 
 
 def test_identical_signals(identical):
   m = identical
   assert m['mel_distance'] < 1e-6 and m['stft_distance'] < 1e-6
+  assert m['lsd'] < 1e-3
   assert m['si_sdr'] > 80 and m['mid_snr'] > 80 and m['side_snr'] > 80
   for name in metrics.BAND_METRICS:
     assert m[name] < 1e-6
@@ -49,6 +57,8 @@ def test_scaling_changes_everything_but_si_sdr_and_the_image(ref, identical):
   # log10(0.5) = -0.3 in every bin.
   assert m['mel_distance'] == pytest.approx(0.3, abs=0.01)
   assert m['stft_distance'] == pytest.approx(0.3, abs=0.01)
+  # 20 log10(2) dB in every bin above the floor.
+  assert m['lsd'] == pytest.approx(6.02, abs=0.05)
   # The error is half the signal: 20 log10(2) dB.
   assert m['mid_snr'] == pytest.approx(6.02, abs=0.01)
   assert m['side_snr'] == pytest.approx(6.02, abs=0.01)
@@ -71,6 +81,7 @@ def test_inverted_channel(ref):
   # Magnitudes, level differences and coherence are blind to it, and
   # SI-SDR too: it scales each channel, by -1 here.
   assert m['mel_distance'] < 1e-6 and m['stft_distance'] < 1e-6
+  assert m['lsd'] < 1e-3
   assert m['ild_error'] < 1e-6 and m['icc_error'] < 1e-6
   assert m['si_sdr'] > 80
 
@@ -155,9 +166,9 @@ def test_opus_packet_bytes_and_alignment():
   assert opus.packet_bytes(ogg) == 30
   x = stereo(0.2)
   late = np.pad(x, ((7, 0), (0, 0)))[: len(x)]
-  assert opus.best_lag(x, late, 96) == 7
-  np.testing.assert_array_equal(opus.align(late, 7, len(x))[:-7], x[:-7])
-  assert opus.best_lag(x, np.zeros_like(x), 96) == 0
+  assert baselines.best_lag(x, late, 96) == 7
+  np.testing.assert_array_equal(baselines.align(late, 7, len(x))[:-7], x[:-7])
+  assert baselines.best_lag(x, np.zeros_like(x), 96) == 0
 
 
 def test_opus_roundtrip():
@@ -174,3 +185,41 @@ def test_opus_roundtrip():
   assert out.file_kbps > out.kbps
   # Tones survive 64 kbps well, if the output is aligned with the input.
   assert metrics.signal_metrics(x, out.audio)['mid_snr'] > 20
+
+
+@pytest.fixture(scope='module')
+def music():
+  """Two seconds of procedural music: notes with harmonics, drums, reverb."""
+  return synthetic.render(np.random.default_rng(3), 2 * SR)
+
+
+@pytest.fixture(scope='module')
+def damaged(music):
+  return {
+    'random_phase': degrade.random_phase(music),
+    'blurred': degrade.blur_magnitudes(music),
+  }
+
+
+def test_lsd_sees_a_random_phase_that_a_slight_blur_is_not(music, damaged):
+  random = metrics.signal_metrics(music, damaged['random_phase'])
+  blurred = metrics.signal_metrics(music, damaged['blurred'])
+  # The damage is what it claims: the same level, the envelope roughly kept.
+  assert np.std(damaged['random_phase']) == pytest.approx(
+    np.std(music), rel=0.1
+  )
+  assert random['mel_distance'] < 0.4
+  # The 4096-point LSD sees the smeared harmonics: far from the reference
+  # (0 dB), and far worse than a slight blur that keeps the phase.
+  assert random['lsd'] > 6.0
+  assert blurred['lsd'] < 4.0
+  assert random['lsd'] > 2.5 * blurred['lsd']
+
+
+def test_visqol_forgives_a_random_phase(music, damaged):
+  """The case the LSD exists for: ViSQOL still scores it above 3.5."""
+  needs_visqol()
+  random = metrics.visqol(music, damaged['random_phase'])
+  blurred = metrics.visqol(music, damaged['blurred'])
+  assert 3.5 < random < blurred - 0.2
+  assert blurred > 4.5

@@ -3,6 +3,7 @@
     spectrostream-data scan DIR_OR_GLOB_OR_MANIFEST
     spectrostream-data build DIR_OR_GLOB_OR_MANIFEST OUT_DIR
     spectrostream-data fetch-debian-music OUT_DIR
+    spectrostream-data fetch-lossless-music OUT_DIR
 
 Each prints a JSON summary on stdout and exits 0; skipped files are part
 of the summary, not a failure. A mistake (a missing path, an empty
@@ -19,6 +20,7 @@ from typing import Any, NoReturn
 from spectrostream_jax.data import arrayrecord
 from spectrostream_jax.data import debian
 from spectrostream_jax.data import index as index_lib
+from spectrostream_jax.data import lossless
 from spectrostream_jax.data import transforms
 
 
@@ -63,6 +65,15 @@ def _fetch(args: argparse.Namespace) -> dict[str, Any]:
     args.out_dir,
     eval_fraction=args.eval_fraction,
     seed=args.seed,
+    pinned=not args.unpinned,
+    keep_debs=args.keep_debs,
+    overwrite=args.overwrite,
+  )
+
+
+def _fetch_lossless(args: argparse.Namespace) -> dict[str, Any]:
+  return lossless.fetch(
+    args.out_dir,
     pinned=not args.unpinned,
     keep_debs=args.keep_debs,
     overwrite=args.overwrite,
@@ -134,6 +145,20 @@ def _parser() -> _Parser:
   fetch.add_argument('--keep-debs', action='store_true')
   fetch.add_argument('--overwrite', action='store_true')
   fetch.set_defaults(run=_fetch)
+
+  exact = commands.add_parser(
+    'fetch-lossless-music',
+    help="download Sonic Pi's lossless CC0 loops: an eval-only corpus",
+  )
+  exact.add_argument('out_dir', help='directory to create')
+  exact.add_argument(
+    '--unpinned',
+    action='store_true',
+    help="accept apt's newer package version (checked against apt only)",
+  )
+  exact.add_argument('--keep-debs', action='store_true')
+  exact.add_argument('--overwrite', action='store_true')
+  exact.set_defaults(run=_fetch_lossless)
   return parser
 
 

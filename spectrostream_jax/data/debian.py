@@ -21,6 +21,7 @@ place. Never commit it: it is audio, and its licenses have conditions.
 """
 
 import dataclasses
+import fnmatch
 import hashlib
 import json
 import os
@@ -44,10 +45,24 @@ class DebianPackage:
   # (file in the package, text it must contain) confirming the license,
   # on top of the `Files: *` stanza of a machine-readable copyright file.
   evidence: tuple[tuple[str, str], ...] = ()
+  # Which files of music_dir to take: glob patterns relative to it (all
+  # audio files when empty), and the format they must have (any when
+  # None); files of another format are left out and counted.
+  include: tuple[str, ...] = ()
+  sample_rate: int | None = None
+  channels: int | None = None
+  min_seconds: float = 0.0
+  # When the license is stated file by file (stanzas `Files: PREFIX<name>`
+  # of the copyright file): PREFIX, and the license's name there. Files
+  # without such a stanza of `license` are left out.
+  file_stanzas: tuple[str, str] | None = None
+  # Files beside the music that state its license, copied with it.
+  license_notes: tuple[str, ...] = ('license.txt', 'LICENSE', 'COPYING')
+  architecture: str = 'all'
 
   @property
   def deb(self) -> str:
-    return f'{self.name}_{self.version}_all.deb'
+    return f'{self.name}_{self.version}_{self.architecture}.deb'
 
   @property
   def copyright(self) -> str:
@@ -75,8 +90,6 @@ PACKAGES = (
     music_dir='usr/share/games/warzone2100/music',
   ),
 )
-# Upstream license notes that sit beside the tracks.
-_LICENSE_NAMES = ('license.txt', 'LICENSE', 'COPYING')
 
 
 def sha256_of(path: str) -> str:
@@ -103,7 +116,12 @@ def dep5_license(text: str, files: str = '*') -> str | None:
 def confirm_license(package: DebianPackage, root: pathlib.Path) -> None:
   """Raises DataError unless the unpacked package states its license."""
   text = (root / package.copyright).read_text(encoding='utf-8')
-  if text.startswith('Format:'):
+  if package.file_stanzas:
+    if not text.startswith('Format:'):
+      raise index_lib.DataError(
+        f'{package.name}: its copyright file is no longer machine-readable'
+      )
+  elif text.startswith('Format:'):
     found = dep5_license(text)
     if found != package.license:
       raise index_lib.DataError(
@@ -188,8 +206,14 @@ def fetch(
   pinned: bool = True,
   keep_debs: bool = False,
   overwrite: bool = False,
+  packages: tuple[DebianPackage, ...] = PACKAGES,
+  split: str | None = None,
 ) -> dict[str, Any]:
-  """Builds the corpus in `out_dir`; returns a summary of what it holds."""
+  """Builds the corpus in `out_dir`; returns a summary of what it holds.
+
+  Tracks are split into train and eval by `eval_fraction`, or all go to
+  `split` when it is given.
+  """
   out = pathlib.Path(out_dir).absolute()
   if out.exists() and any(out.iterdir()) and not overwrite:
     raise index_lib.DataError(
@@ -200,14 +224,18 @@ def fetch(
     index_lib.make_temp_dir(str(out.parent), f'.{out.name}.incomplete-')
   )
   try:
-    rows = []
-    for package in PACKAGES:
-      rows += _fetch_package(package, work, pinned)
+    rows, left_out = [], {}
+    for package in packages:
+      found, left_out[package.name] = _fetch_package(package, work, pinned)
+      rows += found
     if not keep_debs:
       shutil.rmtree(work / 'debs')
-    groups = index_lib.assign_splits(
-      [r['track'] for r in rows], eval_fraction, seed
-    )
+    if split is None:
+      groups = index_lib.assign_splits(
+        [r['track'] for r in rows], eval_fraction, seed
+      )
+    else:
+      groups = dict.fromkeys((r['track'] for r in rows), split)
     for row in rows:
       row['split'] = groups[row['track']]
     index_lib.write_atomic(
@@ -220,13 +248,39 @@ def fetch(
   except BaseException:
     shutil.rmtree(work, ignore_errors=True)
     raise
-  return summarize(rows, str(out))
+  summary = summarize(rows, str(out), packages)
+  for name, files in left_out.items():
+    summary['packages'][name]['left_out'] = files
+  return summary
+
+
+def _file_license(
+  package: DebianPackage, copyright_text: str, rel: pathlib.Path
+) -> str | None:
+  """The file's license, or None when it is not stated as expected."""
+  if package.file_stanzas is None:
+    return package.license
+  prefix, name = package.file_stanzas
+  found = dep5_license(copyright_text, f'{prefix}{rel}')
+  return package.license if found == name else None
+
+
+def _wanted(package: DebianPackage, rel: pathlib.Path) -> bool:
+  if rel.suffix.lower() not in index_lib.AUDIO_SUFFIXES:
+    return False
+  return not package.include or any(
+    fnmatch.fnmatchcase(str(rel), p) for p in package.include
+  )
 
 
 def _fetch_package(
   package: DebianPackage, work: pathlib.Path, pinned: bool
-) -> list[dict[str, Any]]:
-  """Downloads, checks and unpacks one package; its manifest rows."""
+) -> tuple[list[dict[str, Any]], int]:
+  """Downloads, checks and unpacks one package.
+
+  Returns its manifest rows and the number of audio files left out for
+  their format, length or license.
+  """
   debs = work / 'debs'
   debs.mkdir(exist_ok=True)
   deb = download(package, str(debs), pinned)
@@ -240,25 +294,34 @@ def _fetch_package(
   shutil.copy(unpacked / package.copyright, licenses / 'copyright')
   music = unpacked / package.music_dir
   for note in sorted(music.rglob('*')):
-    if note.name in _LICENSE_NAMES:
+    if note.name in package.license_notes:
       target = licenses / note.relative_to(music)
       target.parent.mkdir(parents=True, exist_ok=True)
       shutil.copy(note, target)
-  rows = []
+  copyright_text = (unpacked / package.copyright).read_text(encoding='utf-8')
+  rows, left_out = [], 0
   for audio in sorted(music.rglob('*')):
-    if audio.suffix.lower() not in index_lib.AUDIO_SUFFIXES:
-      continue
     rel = audio.relative_to(music)
+    if not _wanted(package, rel):
+      continue
+    probe = index_lib.probe(str(audio))
+    if probe.reason:
+      raise index_lib.DataError(f'{audio}: {probe.reason} {probe.detail}')
+    if (
+      (package.sample_rate or probe.sample_rate) != probe.sample_rate
+      or (package.channels or probe.channels) != probe.channels
+      or probe.frames < package.min_seconds * probe.sample_rate
+      or _file_license(package, copyright_text, rel) is None
+    ):
+      left_out += 1
+      continue
     target = work / 'audio' / package.name / rel
     target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(audio, target)
-    probe = index_lib.probe(str(target))
-    if probe.reason:
-      raise index_lib.DataError(f'{target}: {probe.reason} {probe.detail}')
     license_files = [f'licenses/{package.name}/copyright']
     license_files += [
       f'licenses/{package.name}/{rel.parent / name}'
-      for name in _LICENSE_NAMES
+      for name in package.license_notes
       if (licenses / rel.parent / name).is_file()
     ]
     rows.append(
@@ -277,10 +340,14 @@ def _fetch_package(
       }
     )
   shutil.rmtree(work / 'unpacked')
-  return rows
+  return rows, left_out
 
 
-def summarize(rows: list[dict[str, Any]], out_dir: str) -> dict[str, Any]:
+def summarize(
+  rows: list[dict[str, Any]],
+  out_dir: str,
+  packages: tuple[DebianPackage, ...] = PACKAGES,
+) -> dict[str, Any]:
   """Tracks and minutes in total, per split and per package."""
 
   def stats(selected: list[dict[str, Any]]) -> dict[str, Any]:
@@ -305,6 +372,6 @@ def summarize(rows: list[dict[str, Any]], out_dir: str) -> dict[str, Any]:
           (r['version'] for r in rows if r['package'] == p.name), None
         ),
       }
-      for p in PACKAGES
+      for p in packages
     },
   }

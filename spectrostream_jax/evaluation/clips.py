@@ -3,13 +3,14 @@
 The corpus is anything `data.index` reads (a directory tree, a glob, a
 JSONL/CSV manifest). When its files carry a split, only the 'eval' split
 is used. Every file is probed by the index (cached), so corrupt,
-truncated, silent and too-short files are skipped with a reason and
-counted. From each remaining file one clip of `clip_seconds` is read at
-a start drawn from a hash of (seed, file name): the same clips whatever
-the order of the files or the number of threads, and a different
-`--max-clips` keeps the clips it had. Clips are converted to 48 kHz
-stereo by the training pipeline's own channel and resampling code, but
-keep their level: no loudness normalisation.
+truncated and silent files are skipped with a reason and counted. From
+each remaining file one clip of `clip_seconds` is read at a start drawn
+from a hash of (seed, file name): the same clips whatever the order of
+the files or the number of threads, and a different `--max-clips` keeps
+the clips it had. A file shorter than `clip_seconds` is taken whole, if
+it lasts at least MIN_CLIP_SECONDS. Clips are converted to 48 kHz stereo
+by the training pipeline's own channel and resampling code, but keep
+their level: no loudness normalisation.
 """
 
 import collections
@@ -25,12 +26,21 @@ from spectrostream_jax.data import index as index_lib
 from spectrostream_jax.data import loudness
 from spectrostream_jax.data import transforms
 
+# The shortest clip: a file shorter than this is skipped as too short.
+# ViSQOL needs about a second, and the stereo metrics' tiles 0.12 s.
+MIN_CLIP_SECONDS = 1.0
+
 
 @dataclasses.dataclass(frozen=True)
 class Clip:
   name: str  # the file, relative to the corpus root
   start_seconds: float  # where in the file the clip starts
   audio: np.ndarray  # float32 [T, 2] at the evaluation rate
+  sample_rate: int = 48_000
+
+  @property
+  def seconds(self) -> float:
+    return self.audio.shape[0] / self.sample_rate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +94,23 @@ def _read(
   return np.ascontiguousarray(audio, np.float32)
 
 
+def _fitting(
+  config: transforms.AudioConfig, frames: int, rate: int
+) -> transforms.AudioConfig:
+  """`config`, shortened to the whole file when the file is shorter."""
+  if frames >= config.source_frames(rate):
+    return config
+  samples = (
+    frames
+    if rate == config.sample_rate
+    else frames * config.sample_rate // rate
+  )
+  config = dataclasses.replace(config, crop_samples=samples)
+  while config.source_frames(rate) > frames:
+    config = dataclasses.replace(config, crop_samples=config.crop_samples - 1)
+  return config
+
+
 def load(
   spec: str,
   clip_seconds: float,
@@ -95,14 +122,22 @@ def load(
   cache_dir: str | None = None,
 ) -> Clips:
   """Reads the clips of `spec`; raises DataError when none can be had."""
-  if not clip_seconds > 0:
-    raise index_lib.DataError(f'clip length must be > 0 s, not {clip_seconds}')
+  if not clip_seconds >= MIN_CLIP_SECONDS:
+    raise index_lib.DataError(
+      f'clip length must be at least {MIN_CLIP_SECONDS:g} s, not '
+      f'{clip_seconds:g}'
+    )
   config = transforms.AudioConfig(
     sample_rate=sample_rate, crop_samples=round(clip_seconds * sample_rate)
   )
+  shortest = dataclasses.replace(
+    config, crop_samples=round(MIN_CLIP_SECONDS * sample_rate)
+  )
   index = index_lib.scan(spec, cache_dir, workers)
   split = 'eval' if any(f.split for f in index.files) else None
-  index = index_lib.select(index, min_frames=config.source_frames, split=split)
+  index = index_lib.select(
+    index, min_frames=shortest.source_frames, split=split
+  )
   root = _root(spec)
   named = sorted((os.path.relpath(f.path, root), f) for f in index.files)
   if max_clips is not None:
@@ -111,10 +146,12 @@ def load(
 
   def read(item):
     name, f = item
-    need = config.source_frames(f.sample_rate)
+    fits = _fitting(config, f.frames, f.sample_rate)
+    need = fits.source_frames(f.sample_rate)
     start = _hash(seed, name) % (f.frames - need + 1)
     try:
-      clip = Clip(name, start / f.sample_rate, _read(f, start, config))
+      audio = _read(f, start, fits)
+      clip = Clip(name, start / f.sample_rate, audio, sample_rate)
     except transforms.CropError as e:
       clip = e
     return name, clip
@@ -130,7 +167,7 @@ def load(
   if not clips:
     where = f' in split {split!r}' if split else ''
     raise index_lib.DataError(
-      f'{spec}: no usable clip of {clip_seconds:g} s{where} '
+      f'{spec}: no usable clip of {MIN_CLIP_SECONDS:g} s or more{where} '
       f'({len(skipped)} files skipped: {reasons})'
     )
   return Clips(tuple(clips), split, reasons, tuple(skipped[:20]))

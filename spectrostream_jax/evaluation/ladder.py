@@ -1,19 +1,21 @@
-"""`spectrostream-eval`: a model's bitrate ladder next to Opus.
+"""`spectrostream-eval`: a model's bitrate ladder next to classic codecs.
 
     spectrostream-eval --model MODEL_DIR --data DIR_OR_MANIFEST \\
         --kbps 1,2,4,8,12,16 --out OUT_DIR \\
         [--clip-seconds 10] [--max-clips N] [--workers K] [--seed S] \\
-        [--no-opus] [--no-visqol]
+        [--baselines opus,aac,mp3[,opus-tools] | none] [--no-visqol]
 
 For every clip (clips.py) and bitrate it decodes the clip through the
-model at that many RVQ levels, and through Opus at the same target
-bitrate, and scores both against the reference (metrics.py); it also
-counts the model's codes per level. OUT_DIR receives results.json,
-results.csv, results.md and plots/*.png (report.py); docs/evaluation.md
-explains them.
+model at that many RVQ levels, and through each classic codec at the
+same target bitrate (baselines.py: Opus, AAC and MP3 through PyAV;
+opus.py: opus-tools, when asked for), and scores them against the
+reference (metrics.py); it also counts the model's codes per level.
+OUT_DIR receives results.json, results.csv, results.md and plots/*.png
+(report.py); docs/evaluation.md explains them.
 
-The codec runs in this process. Opus round trips and ViSQOL, the slow
-CPU work, run in K spawned worker processes (0: in this process). Every
+The codec runs in this process. Classic codecs' round trips and ViSQOL,
+the slow CPU work, run in K spawned worker processes (0: in this
+process). Every
 number is a pure function of its clip and bitrate, computed the same way
 wherever it runs, and results are gathered in clip order: the output is
 the same for any K. A mistake in the arguments, model or data prints one
@@ -38,6 +40,7 @@ import numpy as np
 from rich import console as rich_console
 from rich import progress as rich_progress
 
+from spectrostream_jax.evaluation import baselines as baselines_lib
 from spectrostream_jax.evaluation import clips as clips_lib
 from spectrostream_jax.evaluation import metrics
 from spectrostream_jax.evaluation import opus
@@ -45,7 +48,8 @@ from spectrostream_jax.evaluation import report
 from spectrostream_jax.inference import Codec
 
 NEURAL = 'spectrostream'
-OPUS = 'opus'
+OPUS_TOOLS = 'opus-tools'
+DEFAULT_BASELINES = ('opus', 'aac', 'mp3')
 FORMAT = 'spectrostream-eval'
 FORMAT_VERSION = 1
 _PACKAGES = (
@@ -59,6 +63,7 @@ _PACKAGES = (
   'visqol-python',
   'numba',
   'matplotlib',
+  'av',
 )
 
 
@@ -88,7 +93,8 @@ def rates_for(codec: Codec, kbps: list[float]) -> tuple[list[Rate], list[str]]:
         f'{k:g} kbps is not a whole number of levels in 1..'
         f'{codec.num_levels} of this model ({per_level:g} kbps per level): '
         f'{NEURAL} ran at {levels} levels = '
-        f'{codec.levels_to_kbps(levels):g} kbps, Opus at {k:g} kbps.'
+        f'{codec.levels_to_kbps(levels):g} kbps, classic codecs at '
+        f'{k:g} kbps.'
       )
     rates.append(Rate(k, levels, codec.levels_to_kbps(levels)))
   return rates, notes
@@ -168,17 +174,48 @@ def _mono(wav: np.ndarray) -> np.ndarray:
   return wav.mean(axis=1, keepdims=True)
 
 
+def target_kbps(system: str, requested: float) -> float:
+  """The rate `system` is run at when `requested` is asked for."""
+  if system in baselines_lib.BASELINES:
+    return baselines_lib.BASELINES[system].target(requested)
+  return requested
+
+
+def _roundtrip(system: str, ref: np.ndarray, kbps: float, tools):
+  """One classic codec's round trip, as the extra fields of its scores."""
+  if system == OPUS_TOOLS:
+    out = opus.roundtrip(ref, kbps, tools)
+    extra = {'kbps': out.kbps, 'file_kbps': out.file_kbps, 'lag': out.lag}
+    extra['library'] = tools.version
+  else:
+    out = baselines_lib.roundtrip(ref, kbps, system)
+    extra = {'kbps': out.kbps, 'lag': out.lag, 'library': out.library}
+    extra['sample_rate'] = out.sample_rate
+  return out.audio, extra
+
+
 def evaluate(
   codec: Codec,
   data: clips_lib.Clips,
   rates: list[Rate],
   *,
-  opus_tools: opus.Tools | None,
+  baselines: list[str] = (),
+  opus_tools: opus.Tools | None = None,
   visqol: bool,
   workers: int,
 ) -> dict[str, Any]:
-  """Scores every clip at every rate: rows, codebook statistics, notes."""
-  systems = [NEURAL] + ([OPUS] if opus_tools else [])
+  """Scores every clip at every rate: rows, codebook statistics, notes.
+
+  `baselines` names classic codecs of baselines.BASELINES, or OPUS_TOOLS
+  (which needs `opus_tools`). A classic codec asked for a rate below its
+  lowest runs at its lowest, once for all the rates that map there.
+  """
+  if OPUS_TOOLS in baselines and opus_tools is None:
+    raise ValueError('opus-tools was asked for, but not found')
+  systems = [NEURAL, *baselines]
+  targets = {
+    s: sorted({target_kbps(s, r.requested) for r in rates}) for s in baselines
+  }
   max_levels = max(r.levels for r in rates)
   k = codec.config.quantizer.codebook_size
   counts = np.zeros((max_levels, k), np.int64)
@@ -193,22 +230,21 @@ def evaluate(
   try:
     console = rich_console.Console(stderr=True)
     with rich_progress.Progress(*columns, console=console) as bar:
+      per_clip = len(rates) + sum(len(t) for t in targets.values())
       task = bar.add_task(
-        'clip × kbps × system',
-        total=len(data.clips) * len(rates) * len(systems),
+        'clip × kbps × system', total=len(data.clips) * per_clip
       )
       scores = _Scores(
         pool, visqol, 2 * max(workers, 1), lambda: bar.advance(task)
       )
       for i, clip in enumerate(data.clips):
         ref = clip.audio
-        jobs = []
-        if opus_tools:
-          # Submitted first: the workers encode while the codec runs here.
-          jobs = [
-            (r, pool.submit(opus.roundtrip, ref, r.requested, opus_tools))
-            for r in rates
-          ]
+        # Submitted first: the workers encode while the codec runs here.
+        jobs = [
+          ((s, kbps), pool.submit(_roundtrip, s, ref, kbps, opus_tools))
+          for s in baselines
+          for kbps in targets[s]
+        ]
         codes = codec.encode(ref[None], max_levels)[0]
         counts += metrics.code_counts(codes, k)
         decoded = {
@@ -217,24 +253,16 @@ def evaluate(
         }
         for r in rates:
           scores.add((NEURAL, r.requested), i, ref, decoded[r.levels])
-        for r, job in jobs:
+        for key, job in jobs:
           try:
-            out = job.result()
+            audio, extra = job.result()
           except Exception as e:  # One bad clip should not end a long run.
-            scores.failed('Opus', e)
-            scores.rows[(OPUS, r.requested)][i] = {}
+            scores.failed(key[0], e)
+            scores.rows[key][i] = {}
             bar.advance(task)
             continue
-          scores.add(
-            (OPUS, r.requested),
-            i,
-            ref,
-            out.audio,
-            kbps=out.kbps,
-            file_kbps=out.file_kbps,
-            lag=out.lag,
-            silent=not np.any(out.audio),
-          )
+          silent = not np.any(audio)
+          scores.add(key, i, ref, audio, **extra, silent=silent)
       scores.finish()
   finally:
     pool.shutdown(cancel_futures=True)
@@ -277,11 +305,16 @@ def _means(per_clip: list[dict[str, Any]]) -> dict[str, Any]:
 def _rows(codec, data, rates, systems, scored, counts, notes) -> list:
   stats = metrics.codebook_stats(counts)
   rows = []
+  # Classic codecs run below or above the rate asked for: (system,
+  # target) -> the requests; and the (system, target) pairs noted already.
+  moved = collections.defaultdict(list)
+  noted = set()
   for r in rates:
     for system in systems:
+      target = target_kbps(system, r.requested)
+      key = (system, target) if system != NEURAL else (system, r.requested)
       per_clip = [
-        {'clip': c.name, **scored[(system, r.requested)][i]}
-        for i, c in enumerate(data.clips)
+        {'clip': c.name, **scored[key][i]} for i, c in enumerate(data.clips)
       ]
       row = {
         'system': system,
@@ -300,24 +333,50 @@ def _rows(codec, data, rates, systems, scored, counts, notes) -> list:
         }
       else:
         row['kbps'] = row['mean'].pop('kbps', math.nan)
-        _note_opus_rate(r.requested, row, notes)
+        row['kbps_target'] = target
+        # The same for every clip: kept once, in the row.
+        for name in ('library', 'sample_rate'):
+          found = [c.pop(name) for c in per_clip if name in c]
+          row[name] = found[0] if found else None
+        if target != r.requested:
+          moved[(system, target)].append(r.requested)
+        if (system, target) not in noted:
+          noted.add((system, target))
+          _note_rate(system, target, row, notes)
       rows.append(row)
+  for (system, target), requested in moved.items():
+    asked = ', '.join(f'{k:g}' for k in requested)
+    floor = baselines_lib.BASELINES[system].min_kbps
+    why = (
+      f'cannot be held below {floor:g} kbps'
+      if target == floor
+      else f'has no rate between {target:g} and {max(requested):g} kbps'
+    )
+    notes.append(
+      f'{system} {why}: its rows at {asked} kbps ran at {target:g} kbps.'
+    )
   return rows
 
 
-def _note_opus_rate(target: float, row: dict[str, Any], notes) -> None:
+def _note_rate(system: str, target: float, row: dict[str, Any], notes) -> None:
+  """Notes where a classic codec missed its target or decoded silence."""
   achieved, file_kbps = row['kbps'], row['mean'].get('file_kbps', math.nan)
   if math.isfinite(achieved) and abs(achieved - target) > 0.05 * target:
+    container = (
+      f'; {file_kbps:.2f} kbps with the Ogg container'
+      if math.isfinite(file_kbps)
+      else ''
+    )
     notes.append(
-      f'Opus at a {target:g} kbps target spent {achieved:.2f} kbps (audio '
-      f'packets; {file_kbps:.2f} kbps with the Ogg container).'
+      f'{system} at a {target:g} kbps target spent {achieved:.2f} kbps '
+      f'(packets{container}).'
     )
   silent = sum(bool(c.get('silent')) for c in row['clips'])
   if silent:
     notes.append(
-      f'Opus at {target:g} kbps decoded {silent} of {len(row["clips"])} '
-      'clips to silence (at 1 kbps and below each 20 ms packet is 2 bytes); '
-      'ViSQOL cannot score silence, so its mean leaves them out.'
+      f'{system} at {target:g} kbps decoded {silent} of '
+      f'{len(row["clips"])} clips to silence; ViSQOL cannot score silence, '
+      'so its mean leaves them out.'
     )
 
 
@@ -387,6 +446,20 @@ def _kbps_list(text: str) -> list[float]:
   return sorted(set(values))
 
 
+def _baseline_list(text: str) -> list[str]:
+  names = [n.strip() for n in text.split(',') if n.strip()]
+  if names == ['none']:
+    return []
+  known = [*baselines_lib.BASELINES, OPUS_TOOLS]
+  unknown = [n for n in names if n not in known]
+  if unknown or not names:
+    raise argparse.ArgumentTypeError(
+      f'unknown baseline {", ".join(unknown) or repr(text)}; choose from '
+      f'{", ".join(known)} or none'
+    )
+  return list(dict.fromkeys(names))
+
+
 def _parser() -> _Parser:
   p = _Parser(
     prog='spectrostream-eval',
@@ -413,7 +486,14 @@ def _parser() -> _Parser:
     help='processes for Opus and ViSQOL (0: none)',
   )
   p.add_argument('--seed', type=int, default=0, help='of the clip positions')
-  p.add_argument('--no-opus', action='store_true', help='the model only')
+  p.add_argument(
+    '--baselines',
+    type=_baseline_list,
+    default=list(DEFAULT_BASELINES),
+    help='classic codecs to compare with, comma-separated, from '
+    f'{", ".join([*baselines_lib.BASELINES, OPUS_TOOLS])}; none for the '
+    f'model only (default {",".join(DEFAULT_BASELINES)})',
+  )
   p.add_argument('--no-visqol', action='store_true', help='skip ViSQOL')
   return p
 
@@ -450,12 +530,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f'{parser.prog}: interrupted', file=sys.stderr)
     return 130
 
-  tools = None if args.no_opus else opus.find()
-  if not args.no_opus and tools is None:
-    notes.append(
-      'Opus rows skipped: opusenc/opusdec not found on PATH '
-      '(apt-get install opus-tools).'
-    )
+  chosen, tools = list(args.baselines), None
+  if OPUS_TOOLS in chosen:
+    tools = opus.find()
+    if tools is None:
+      chosen.remove(OPUS_TOOLS)
+      notes.append(
+        'opus-tools rows skipped: opusenc/opusdec not found on PATH '
+        '(apt-get install opus-tools).'
+      )
+  no_pyav = baselines_lib.missing()
+  if no_pyav and set(chosen) & set(baselines_lib.BASELINES):
+    skipped = [n for n in chosen if n in baselines_lib.BASELINES]
+    chosen = [n for n in chosen if n not in skipped]
+    notes.append(f'{", ".join(skipped)} rows skipped: {no_pyav}.')
   missing = None if args.no_visqol else metrics.visqol_missing()
   if missing:
     notes.append(f'ViSQOL skipped: {missing}.')
@@ -466,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
       codec,
       data,
       rates,
+      baselines=chosen,
       opus_tools=tools,
       visqol=not (args.no_visqol or missing),
       workers=args.workers,
@@ -485,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
       'max_clips': args.max_clips,
       'workers': args.workers,
       'seed': args.seed,
-      'opus': tools is not None,
+      'baselines': chosen,
       'visqol': not (args.no_visqol or missing),
     },
     'model': _model_info(codec, args.model),
@@ -495,13 +584,23 @@ def main(argv: list[str] | None = None) -> int:
       'date': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
       'wall_seconds': round(time.time() - start, 1),
       'opus_tools': tools.version if tools else None,
+      'baselines': {
+        n: baselines_lib.library(n)
+        for n in chosen
+        if n in baselines_lib.BASELINES
+      },
       'versions': versions(),
     },
     'data': {
       'spec': args.data,
       'split': data.split,
       'clips': [
-        {'name': c.name, 'start_seconds': c.start_seconds} for c in data.clips
+        {
+          'name': c.name,
+          'start_seconds': c.start_seconds,
+          'seconds': c.seconds,
+        }
+        for c in data.clips
       ],
       'skipped': data.skipped,
       'skipped_examples': [list(s) for s in data.skipped_examples],

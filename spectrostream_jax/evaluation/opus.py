@@ -1,4 +1,8 @@
-"""Opus, the classic codec of the ladder, through opus-tools.
+"""Opus through opus-tools: the optional `opus-tools` baseline.
+
+The ladder's own Opus rows come from libopus inside PyAV (baselines.py);
+this runs the command-line tools instead, for comparison with figures
+made with them.
 
 A clip goes through `opusenc --hard-cbr --bitrate K` (constant
 bitrate, like the neural codec: VBR overshoots its target by 25 % and
@@ -29,9 +33,12 @@ from typing import NamedTuple
 import numpy as np
 import soundfile as sf
 
+from spectrostream_jax.evaluation import baselines
+
 # The lowest --bitrate opusenc accepts.
 MIN_TARGET_KBPS = 0.5
-# Largest decoder delay `roundtrip` corrects, in samples (2 ms).
+# Largest decoder delay `roundtrip` corrects, in samples (2 ms): opusdec
+# trims the pre-skip, but no timestamps tell what delay remains.
 MAX_LAG = 96
 
 
@@ -90,31 +97,6 @@ def packet_bytes(ogg: bytes) -> int:
   return sum(sizes[2:])
 
 
-def best_lag(reference: np.ndarray, decoded: np.ndarray, max_lag: int) -> int:
-  """The delay in samples of `decoded` behind `reference` ([T, C] each).
-
-  The lag in [-max_lag, max_lag] of the largest cross-correlation of the
-  mono downmixes; 0 when the decoded audio is silent.
-  """
-  a = np.mean(reference, axis=1, dtype=np.float64)
-  b = np.mean(decoded, axis=1, dtype=np.float64)
-  if not np.any(b):
-    return 0
-  n = len(a) + len(b)
-  corr = np.fft.irfft(np.fft.rfft(b, n) * np.conj(np.fft.rfft(a, n)), n)
-  lags = np.arange(-max_lag, max_lag + 1)
-  # Index 0 of the first equal maximum: ties go to the smallest lag.
-  return int(lags[np.argmax(corr[lags])])
-
-
-def align(audio: np.ndarray, lag: int, length: int) -> np.ndarray:
-  """[T, C] audio moved `lag` samples earlier, cut or zero-padded to length."""
-  audio = audio[lag:] if lag >= 0 else np.pad(audio, ((-lag, 0), (0, 0)))
-  if audio.shape[0] >= length:
-    return audio[:length]
-  return np.pad(audio, ((0, length - audio.shape[0]), (0, 0)))
-
-
 def roundtrip(
   wav: np.ndarray, kbps: float, tools: Tools, sample_rate: int = 48_000
 ) -> Result:
@@ -158,9 +140,9 @@ def roundtrip(
       f'{wav.shape[1]} at {sample_rate} Hz'
     )
   seconds = wav.shape[0] / sample_rate
-  lag = best_lag(wav, audio, MAX_LAG)
+  lag = baselines.best_lag(wav, audio, MAX_LAG)
   return Result(
-    align(audio, lag, wav.shape[0]),
+    baselines.align(audio, lag, wav.shape[0]),
     8 * packet_bytes(ogg) / seconds / 1000,
     8 * len(ogg) / seconds / 1000,
     lag,

@@ -18,6 +18,7 @@ COLUMNS = (
   ('visqol', 'ViSQOL', True),
   ('mel_distance', 'mel dist', False),
   ('stft_distance', 'STFT dist', False),
+  ('lsd', 'LSD dB', False),
   ('si_sdr', 'SI-SDR dB', True),
   ('mid_snr', 'mid SNR dB', True),
   ('side_snr', 'side SNR dB', True),
@@ -86,18 +87,20 @@ def markdown(results: dict[str, Any]) -> str:
   config, model, data = results['config'], results['model'], results['data']
   env = results['environment']
   head = [
-    f'# Bitrate ladder: SpectroStream vs Opus on {config["data"]}',
+    f'# Bitrate ladder: SpectroStream vs classic codecs on {config["data"]}',
     '',
     f'Model `{config["model"]}` (id {model["model_id"][:12]}, '
     f'{model["kbps_per_level"]:g} kbps per level, {model["num_levels"]} '
-    f'levels). {len(data["clips"])} clips of {config["clip_seconds"]:g} s'
+    f'levels). {len(data["clips"])} clips of up to '
+    f'{config["clip_seconds"]:g} s'
     + (f' from the {data["split"]!r} split' if data['split'] else '')
     + f', seed {config["seed"]}. Commit {env["git_commit"] or "unknown"}, '
     f'{env["date"]}.',
     '',
     'Means over clips (↑ higher is better, ↓ lower). `kbps` is what the '
-    "system spent: the model's levels × kbps per level, or the Opus "
-    "packets' measured rate. See docs/evaluation.md for the definitions.",
+    "system spent: the model's levels × kbps per level, or a classic "
+    "codec's packets' measured rate. See docs/evaluation.md for the "
+    'definitions.',
     '',
   ]
   titles = [f'{t} {"↑" if up else "↓"}' for _, t, up in COLUMNS]
@@ -112,7 +115,7 @@ def markdown(results: dict[str, Any]) -> str:
       f'| {row["kbps_requested"]:g} | {row["system"]} | '
       f'{_fmt(row["kbps"], 2)} | ' + ' | '.join(cells) + ' |'
     )
-  out = head + table
+  out = head + table + _libraries(results) + _clip_table(results)
   for key, title in (
     ('ild_error', 'ILD error, dB'),
     ('ipd_error', 'IPD error, radians'),
@@ -122,6 +125,29 @@ def markdown(results: dict[str, Any]) -> str:
   if results['notes']:
     out += ['', '## Notes', '', *(f'- {n}' for n in results['notes'])]
   return '\n'.join(out)
+
+
+def _libraries(results: dict[str, Any]) -> list[str]:
+  """Which library (and version) made each classic codec's rows."""
+  seen = {}
+  for row in results['rows']:
+    if row.get('library'):
+      seen.setdefault(row['system'], row['library'])
+  if not seen:
+    return []
+  lines = ['', '## Classic codecs', '', '| system | library |', '|---|---|']
+  return lines + [f'| {s} | {lib} |' for s, lib in seen.items()]
+
+
+def _clip_table(results: dict[str, Any]) -> list[str]:
+  clips = results['data']['clips']
+  lines = ['', '## Clips', '', '| clip | start s | seconds |', '|---|---|---|']
+  for c in clips:
+    seconds = c.get('seconds')
+    lines.append(
+      f'| {c["name"]} | {c["start_seconds"]:.2f} | {_fmt(seconds, 2)} |'
+    )
+  return lines
 
 
 def _band_table(results: dict[str, Any], key: str, title: str) -> list[str]:
