@@ -1,11 +1,15 @@
 """Training losses of the codec and its discriminators, and eval metrics.
 
-Everything is a pure function of arrays (SPEC §7): the train step runs the
-models and hands their outputs here. Losses follow SoundStream: hinge
-adversarial terms averaged over the discriminator scales, L1 feature
-matching, a multi-scale mel reconstruction loss and the RVQ commitment.
-Reconstructions are shorter than their input (the decoder look-ahead drops
-one frame), so the input is always cut to the reconstruction's length first.
+Everything is a pure function of arrays: the train step runs the models and
+hands their outputs here. The generator's terms (`TERMS`) are a log-mel
+loss (or SoundStream's mel loss), two terms that see phase and not the
+level (a magnitude-weighted multi-resolution phase error and one minus the
+waveforms' normalised correlation), L1 feature matching and the hinge
+adversarial term averaged over the discriminator scales; plus the RVQ
+commitment. docs/training.md ("The recipe") says why and with which
+weights. Reconstructions are shorter than their input (the decoder
+look-ahead drops one frame), and their first STFT hop cannot be
+reconstructed: `trim` cuts both before any loss.
 """
 
 from collections.abc import Sequence
@@ -14,19 +18,41 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from spectrostream_jax import signal
 from spectrostream_jax.models import discriminator
 from spectrostream_jax.models import quantizer as rvq
 
+MEL_FORMS = ('log', 'soundstream')
+# Generator terms that act on the reconstruction x̂, in a fixed order (the
+# gradient balancer keeps one running norm per term).
+TERMS = ('mel', 'phase', 'wav', 'feat', 'adv')
+
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-  """Loss weights and mel settings. Defaults: SPEC §7."""
+  """Loss weights and spectral settings.
+
+  The defaults are the measured recipe of docs/training.md ("The recipe");
+  gin/recipes/soundstream.gin sets SoundStream's (SPEC §7).
+  """
 
   adversarial_weight: float = 1.0
   feature_weight: float = 100.0
   mel_weight: float = 1.0
+  # 'log': mean |log10(S + eps) − log10(Ŝ + eps)| over bins and scales on
+  # an amplitude-scaled mel spectrogram (a full-scale sine reads about 1 at
+  # every window). 'soundstream': SoundStream's sum over scales of an L1
+  # plus a sqrt(w / 2)-weighted log L2 on the Slaney mel spectrogram.
+  mel_form: str = 'log'
+  # Multi-resolution phase error weighted by the reference's magnitude
+  # (`phase_loss`), and 1 − the normalised correlation of the waveforms
+  # (`waveform_loss`): both see phase and neither the level.
+  phase_weight: float = 5.0
+  phase_windows: tuple[int, ...] = (256, 512, 1024, 2048)
+  phase_hops_per_window: int = 4
+  wav_weight: float = 10.0
   # β, on the sum over RVQ levels of each level's mean squared commitment:
   # the first level then gets full β as in one-level VQ (a mean over 64
   # levels would scale it by 1/64).
@@ -41,6 +67,30 @@ class LossConfig:
   mel_hops_per_window: int = 4
   num_mels: int = 64
   log_eps: float = 1e-5
+  # Samples at the start of a reconstruction that no loss and no
+  # discriminator sees: the first STFT hop is covered by one analysis
+  # frame only and cannot be reconstructed (docs/architecture.md).
+  skip_samples: int = 480
+  # EnCodec's balancer: each term's gradient at x̂ is scaled to a norm
+  # proportional to its weight (running norms with this decay).
+  balancer: bool = False
+  balancer_decay: float = 0.999
+
+  def __post_init__(self):
+    if self.mel_form not in MEL_FORMS:
+      raise ValueError(f'mel_form {self.mel_form!r} not in {MEL_FORMS}')
+    if self.skip_samples < 0:
+      raise ValueError('skip_samples must be >= 0')
+
+  def weights(self) -> dict[str, float]:
+    """The weight of each term of `TERMS`."""
+    return {
+      'mel': self.mel_weight,
+      'phase': self.phase_weight,
+      'wav': self.wav_weight,
+      'feat': self.feature_weight,
+      'adv': self.adversarial_weight,
+    }
 
 
 def align_to_reconstruction(
@@ -169,51 +219,204 @@ def multiscale_mel_loss(
   return total
 
 
-def generator_losses(
-  config: LossConfig,
+def _amplitude_filterbank(num_mels: int, window: int, sample_rate: int):
+  """Mel triangles of peak 1 on the rfft bins, and the bins' scale.
+
+  With the scale 2 / Σ hann, a sine of amplitude a gives a peak bin of
+  about a at any window, and a mel band holding it about a as well.
+  """
+  fb = signal.mel_filterbank(num_mels, window, sample_rate)
+  peak = fb.max(axis=0)
+  used = peak > 0
+  fb = fb[:, used] / peak[used]
+  return fb, 2.0 / float(np.sum(signal.hann_window(window)))
+
+
+def log_mel_loss(
   wav: jax.Array,
   reconstruction: jax.Array,
-  real: Sequence[discriminator.DiscriminatorOutput],
-  fake: Sequence[discriminator.DiscriminatorOutput],
-  quantizer: rvq.QuantizerOutput | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The codec's total loss and its parts.
+  sample_rate: int = 48_000,
+  windows: Sequence[int] = (64, 128, 256, 512, 1024, 2048),
+  hops_per_window: int = 4,
+  num_mels: int = 64,
+  log_eps: float = 1e-5,
+) -> jax.Array:
+  """Mean |log10(S + eps) − log10(Ŝ + eps)| over bins, frames and scales.
 
-  Args:
-    config: weights and mel settings.
-    wav: input audio [B, T, C]; only its aligned prefix is compared.
-    reconstruction: decoder output [B, T', C], T' <= T.
-    real: discriminator outputs on the aligned input (for feature matching).
-    fake: discriminator outputs on `reconstruction`.
-    quantizer: the RVQ's training output; omit for a model without RVQ.
-
-  Returns:
-    (total, metrics) with metrics `g/adv`, `g/feat`, `g/mel`, `g/total` and,
-    with a quantizer, `vq/commit` and `vq/codebook` (sums over levels).
+  S is the amplitude-scaled mel magnitude (`_amplitude_filterbank`): eps
+  is then a level relative to full scale (1e-5: −100 dB) at every window,
+  and every scale and bin weighs the same. Mel bands without an FFT bin
+  (small windows) are left out.
   """
-  wav = align_to_reconstruction(wav, reconstruction)
-  metrics = {
-    'g/adv': hinge_generator_loss([logits for logits, _ in fake]),
-    'g/feat': feature_matching_loss(
-      [features for _, features in real],
-      [features for _, features in fake],
-      config.normalize_features,
-    ),
-    'g/mel': multiscale_mel_loss(
-      wav,
-      reconstruction,
+  both = jnp.concatenate(
+    [wav.astype(jnp.float32), reconstruction.astype(jnp.float32)], axis=-1
+  )
+  per_scale = []
+  for window in windows:
+    fb, scale = _amplitude_filterbank(num_mels, window, sample_rate)
+    mag = signal.magnitude_spectrogram(both, window, window // hops_per_window)
+    mel = (mag * scale) @ jnp.asarray(fb)
+    s, s_hat = jnp.split(mel, 2, axis=1)
+    diff = jnp.log10(s + log_eps) - jnp.log10(s_hat + log_eps)
+    per_scale.append(jnp.mean(jnp.abs(diff)))
+  return jnp.mean(jnp.stack(per_scale))
+
+
+def phase_loss(
+  wav: jax.Array,
+  reconstruction: jax.Array,
+  windows: Sequence[int] = (256, 512, 1024, 2048),
+  hops_per_window: int = 4,
+  softness: float = 0.1,
+) -> jax.Array:
+  """Multi-resolution phase error, weighted by the reference's magnitude.
+
+  Per window, Σ |X| · |u(X̂) − u(X)| / Σ |X| over the bins and frames of
+  each example, with u(z) = z / sqrt(|z|² + (softness·|X|)²) a phasor that
+  saturates once |z| is well above `softness` times the reference bin's
+  magnitude. For reconstructions at about the right level that is the
+  phase error alone: 0 for the right phase, about 1.26 for random phases;
+  a louder bin costs nothing more and a much quieter one about 1, so going
+  quiet is no way out. Where the reconstruction is near zero the gradient
+  stays bounded (a unit phasor's would grow as 1 / |X̂|). The mel term sets
+  the levels.
+  """
+  both = jnp.concatenate(
+    [wav.astype(jnp.float32), reconstruction.astype(jnp.float32)], axis=-1
+  )
+  per_scale = []
+  for window in windows:
+    x = jnp.moveaxis(both, -1, 1)
+    pad = window // 2
+    x = jnp.pad(x, ((0, 0), (0, 0), (pad, pad)), mode='reflect')
+    hop = window // hops_per_window
+    n = 1 + (x.shape[-1] - window) // hop
+    frames = signal.frame(x, window, hop)[..., :n, :]
+    frames = frames * jnp.asarray(signal.hann_window(window), jnp.float32)
+    spec = jnp.fft.rfft(frames, axis=-1)
+    ref, rec = jnp.split(spec, 2, axis=1)
+    ref_mag = jnp.abs(ref)
+    level = jnp.mean(ref_mag, axis=(1, 2, 3), keepdims=True)
+    soft2 = jnp.square(softness * ref_mag) + jnp.square(1e-6 * level) + 1e-30
+
+    def phasor(z, soft2=soft2):
+      return z * jax.lax.rsqrt(z.real**2 + z.imag**2 + soft2)
+
+    d = phasor(rec) - phasor(ref)
+    err = jnp.sqrt(d.real**2 + d.imag**2 + 1e-12)
+    num = jnp.sum(ref_mag * err, axis=(1, 2, 3))
+    den = jnp.sum(ref_mag, axis=(1, 2, 3))
+    per_scale.append(jnp.mean(num / (den + 1e-12)))
+  return jnp.mean(jnp.stack(per_scale))
+
+
+def waveform_loss(wav: jax.Array, reconstruction: jax.Array) -> jax.Array:
+  """1 − the normalised correlation of the waveforms, per example.
+
+  1 − <x, x̂> / (‖x‖ ‖x̂‖) over samples and channels: 0 for a scaled copy,
+  1 for an uncorrelated one. Scale-invariant like SI-SDR (a monotone
+  function of it), so it too leaves the level to the mel term.
+  """
+  x = wav.astype(jnp.float32)
+  y = reconstruction.astype(jnp.float32)
+  dot = jnp.sum(x * y, axis=(1, 2))
+  norms = jnp.sqrt(jnp.sum(x * x, axis=(1, 2)) * jnp.sum(y * y, axis=(1, 2)))
+  return jnp.mean(1.0 - dot / (norms + 1e-12))
+
+
+def trim(
+  wav: jax.Array, reconstruction: jax.Array, skip: int
+) -> tuple[jax.Array, jax.Array]:
+  """(reference, reconstruction) compared by the losses: the reference is
+  cut to the reconstruction's length, and both lose their first `skip`
+  samples."""
+  ref = align_to_reconstruction(wav, reconstruction)
+  if skip >= ref.shape[1]:
+    raise ValueError(f'{ref.shape[1]} samples leave none after {skip}')
+  return ref[:, skip:], reconstruction[:, skip:]
+
+
+def reconstruction_losses(
+  config: LossConfig, ref: jax.Array, rec: jax.Array
+) -> dict[str, jax.Array]:
+  """The terms that compare x̂ with x directly (unweighted): mel, and the
+  STFT and waveform terms when their weight is not 0."""
+  if config.mel_form == 'log':
+    mel = log_mel_loss(
+      ref,
+      rec,
       config.sample_rate,
       config.mel_windows,
       config.mel_hops_per_window,
       config.num_mels,
       config.log_eps,
+    )
+  else:
+    mel = multiscale_mel_loss(
+      ref,
+      rec,
+      config.sample_rate,
+      config.mel_windows,
+      config.mel_hops_per_window,
+      config.num_mels,
+      config.log_eps,
+    )
+  terms = {'mel': mel}
+  if config.phase_weight:
+    terms['phase'] = phase_loss(
+      ref, rec, config.phase_windows, config.phase_hops_per_window
+    )
+  if config.wav_weight:
+    terms['wav'] = waveform_loss(ref, rec)
+  return terms
+
+
+def adversarial_losses(
+  config: LossConfig,
+  real: Sequence[discriminator.DiscriminatorOutput],
+  fake: Sequence[discriminator.DiscriminatorOutput],
+) -> dict[str, jax.Array]:
+  """The terms that judge x̂ through the discriminators (unweighted)."""
+  return {
+    'adv': hinge_generator_loss([logits for logits, _ in fake]),
+    'feat': feature_matching_loss(
+      [features for _, features in real],
+      [features for _, features in fake],
+      config.normalize_features,
     ),
   }
-  total = (
-    config.adversarial_weight * metrics['g/adv']
-    + config.feature_weight * metrics['g/feat']
-    + config.mel_weight * metrics['g/mel']
-  )
+
+
+def generator_losses(
+  config: LossConfig,
+  ref: jax.Array,
+  reconstruction: jax.Array,
+  real: Sequence[discriminator.DiscriminatorOutput] | None,
+  fake: Sequence[discriminator.DiscriminatorOutput] | None,
+  quantizer: rvq.QuantizerOutput | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The codec's total loss and its parts.
+
+  Args:
+    config: weights and spectral settings.
+    ref: the reference [B, T, C], trimmed like `reconstruction` (`trim`).
+    reconstruction: decoder output [B, T, C], trimmed.
+    real: discriminator outputs on `ref` (for feature matching); None
+      (with `fake`) leaves the adversarial terms out (warm-up).
+    fake: discriminator outputs on `reconstruction`.
+    quantizer: the RVQ's training output; omit for a model without RVQ.
+
+  Returns:
+    (total, metrics): metrics `g/<term>` (unweighted, for each term that
+    was computed), `g/total` and, with a quantizer, `vq/commit` and
+    `vq/codebook` (sums over levels).
+  """
+  terms = reconstruction_losses(config, ref, reconstruction)
+  if fake is not None:
+    terms.update(adversarial_losses(config, real, fake))
+  weights = config.weights()
+  total = sum(weights[name] * value for name, value in terms.items())
+  metrics = {f'g/{name}': value for name, value in terms.items()}
   if quantizer is not None:
     metrics['vq/commit'] = jnp.sum(quantizer.commitment)
     metrics['vq/codebook'] = jnp.sum(quantizer.codebook_loss)

@@ -15,6 +15,13 @@ import optax
 from spectrostream_jax.models import quantizer as rvq
 
 
+class BalancerState(flax.struct.PyTreeNode):
+  """Running norms of the generator terms' gradients at x̂ (losses.TERMS)."""
+
+  norms: jax.Array  # [terms] EMA of the unweighted gradient norms
+  weight: jax.Array  # [] EMA of 1: norms / weight is the bias-corrected mean
+
+
 class TrainState(flax.struct.PyTreeNode):
   """Codec and discriminator parameters, their optimizers, EMAs and key."""
 
@@ -25,6 +32,7 @@ class TrainState(flax.struct.PyTreeNode):
   disc_opt_state: optax.OptState
   ema_params: Any  # exponential moving average of `params`
   codebooks: rvq.CodebookState  # EMA statistics of the RVQ codebooks
+  balance: BalancerState  # the gradient balancer's running norms
   rng: jax.Array  # [2] uint32 raw key data; folded with `step` each step
   skipped: jax.Array  # [] int32: updates skipped for non-finite values
 
@@ -36,6 +44,7 @@ class TrainState(flax.struct.PyTreeNode):
     tx: optax.GradientTransformation,
     disc_tx: optax.GradientTransformation,
     quantizer: rvq.QuantizerConfig,
+    num_terms: int,
     rng: jax.Array,
   ) -> 'TrainState':
     return cls(
@@ -46,6 +55,10 @@ class TrainState(flax.struct.PyTreeNode):
       disc_opt_state=disc_tx.init(disc_params),
       ema_params=params,
       codebooks=rvq.CodebookState.create(quantizer),
+      balance=BalancerState(
+        norms=jnp.zeros((num_terms,), jnp.float32),
+        weight=jnp.zeros((), jnp.float32),
+      ),
       rng=jax.random.key_data(rng),
       skipped=jnp.zeros((), jnp.int32),
     )

@@ -1,31 +1,42 @@
-"""One GAN training step of SpectroStream, and the in-loop evaluation.
+"""The training steps of SpectroStream, and the in-loop evaluation.
 
 Pure functions of (config, state, batch): `train.py` jits them with
-shardings. Both networks are updated from the same forward pass
-(simultaneous updates, both losses see the discriminators as they were at
-the start of the step):
+shardings and runs them in this order (docs/training.md, "The recipe"):
 
-1. codec forward: reconstruction x̂ of the input's aligned prefix x;
-2. discriminators on x and on x̂, once each; the generator loss (hinge,
-   feature matching, multi-scale mel, commitment) and the discriminator
-   hinge loss are functions of those outputs;
-3. gradients by hand-wired VJPs: the discriminator pass on x̂ is
-   differentiated twice, w.r.t. its input under the generator loss and
-   w.r.t. its parameters under the discriminator loss (which is what
-   running it on stop_gradient(x̂) gives), so the discriminators run
-   forward on 2B examples per step instead of the 4B of separate passes;
-4. the RVQ codebooks follow their EMA (after `init_codebooks`, k-means,
-   which the trainer runs once as a program of its own), the optimizers
-   step, the generator's parameter EMA follows;
-5. if any loss or gradient is not finite, nothing but the step counter
-   changes and `skipped` counts it.
+1. `train_step(..., warmup=True)` for the first `warmup_steps` steps: the
+   codec as an autoencoder (RVQ bypassed) on the reconstruction terms only;
+   the discriminators are not run. Each step's embeddings go to the k-means
+   buffer.
+2. `init_codebooks` once: k-means on the buffer and the current batch.
+3. `train_step` from then on, the GAN step. Both networks are updated from
+   the same forward pass (simultaneous updates, both losses see the
+   discriminators as they were at the start of the step):
 
-The key is `fold_in(state.rng, state.step)`, so a step's randomness depends
-only on the run's seed and the step number.
+   a. codec forward: reconstruction x̂ of the input's aligned prefix x,
+      both without their first `LossConfig.skip_samples` samples;
+   b. discriminators on x and on x̂, once each; the generator loss and the
+      discriminator hinge loss are functions of those outputs;
+   c. gradients by hand-wired VJPs: the discriminator pass on x̂ is
+      differentiated twice, w.r.t. its input under the generator loss and
+      w.r.t. its parameters under the discriminator loss (which is what
+      running it on stop_gradient(x̂) gives), so the discriminators run
+      forward on 2B examples per step instead of the 4B of separate passes;
+      with `LossConfig.balancer` each term's gradient at x̂ is rescaled
+      first;
+   d. the RVQ codebooks follow their EMA with dead-code restarts, the
+      optimizers step, the codec parameters' EMA follows (the codebooks are
+      copied into it, not averaged).
+
+In every step, if any loss or gradient is not finite, nothing but the step
+counter changes and `skipped` counts it. `gradient_norms` measures what
+each generator term contributes to the gradient at x̂ (a diagnostic the
+trainer logs). The key is `fold_in(state.rng, state.step)`, so a step's
+randomness depends only on the run's seed and the step number.
 """
 
 from collections.abc import Sequence
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +53,7 @@ from spectrostream_jax.models import quantizer as rvq
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-  """Everything the step computes with (hashable: a static jit argument)."""
+  """Everything the steps compute with (hashable: a static jit argument)."""
 
   codec: codec_lib.CodecConfig = codec_lib.CodecConfig()
   discriminator: disc_lib.DiscriminatorConfig = disc_lib.DiscriminatorConfig()
@@ -51,12 +62,17 @@ class StepConfig:
   discriminator_optimizer: optim.OptimizerConfig = optim.OptimizerConfig()
   # Decay of the codec parameters' EMA, ramped up as (1 + t) / (10 + t).
   ema_decay: float = 0.999
+  # Reconstruction-only steps before k-means and the GAN (see the module
+  # docstring); 0 starts the GAN at step 1 with k-means on its batch.
+  warmup_steps: int = 0
 
   def __post_init__(self):
     if self.discriminator.num_channels != self.codec.num_channels:
       raise ValueError('codec and discriminator channel counts differ')
     if self.loss.sample_rate != self.codec.sample_rate:
       raise ValueError('loss and codec sample rates differ')
+    if self.warmup_steps < 0:
+      raise ValueError('warmup_steps must be >= 0')
 
   @property
   def ema_codebooks(self) -> bool:
@@ -90,23 +106,16 @@ def init_state(
     tx,
     disc_tx,
     config.codec.quantizer,
+    len(losses.TERMS),
     rng,
   )
-
-
-def _level_metrics(counts: jax.Array) -> dict[str, jax.Array]:
-  stats = rvq.codebook_metrics(counts)
-  return {
-    f'vq/{name}/L{level:02d}': values[level]
-    for name, values in stats.items()
-    for level in range(values.shape[0])
-  }
 
 
 def replicate(x, mesh: jax.sharding.Mesh | None):
   """The arrays of x on every device of `mesh` (a no-op without one).
 
-  Loops that read x (the RVQ's level loop) then need no collective.
+  Loops that read x (the RVQ's level loop, k-means) then need no
+  collective.
   """
   if mesh is None:
     return x
@@ -119,18 +128,29 @@ def init_codebooks(
   batch: dict[str, jax.Array],
   mesh: jax.sharding.Mesh | None = None,
 ) -> train_state.TrainState:
-  """k-means codebooks from the encoder's embeddings of `batch['audio']`.
+  """k-means codebooks from the warm-up's embeddings and this batch's.
 
-  The trainer runs this once, as its own program, before the first step.
-  Live and EMA parameters get the same codebooks.
+  The trainer runs this once, as its own program, before the first GAN
+  step. The buffer holds the newest `min(kmeans_buffer, warm-up steps ×
+  rows)` embeddings; the EMA counts are in assignments per step of this
+  batch's size. Live and EMA parameters get the same codebooks.
   """
   codec = codec_lib.SpectroStream(config.codec)
   qc = config.codec.quantizer
   emb = codec.apply(
     {'params': state.params}, batch['audio'], method=codec.embed
   )
+  rows = emb.shape[0] * emb.shape[1]
+  buffer = state.codebooks.buffer
+  filled = jnp.minimum(state.step * rows, buffer.shape[0])
+  data = jnp.concatenate([buffer, emb.reshape(rows, -1)])
+  weights = jnp.concatenate(
+    [jnp.arange(buffer.shape[0]) < filled, jnp.ones(rows, bool)]
+  )
   rng = jax.random.split(jax.random.fold_in(state.key(), state.step))[1]
-  codebook, codebooks = rvq.kmeans_init(replicate(emb, mesh), rng, qc)
+  codebook, codebooks = rvq.kmeans_init(
+    replicate(data, mesh), rng, qc, replicate(weights, mesh), rows
+  )
   # Replicated results keep the state's sharding from reaching into the
   # k-means loops (which would then need collectives).
   codebook, codebooks = replicate((codebook, codebooks), mesh)
@@ -150,86 +170,200 @@ def init_codebooks(
   )
 
 
+def term_cotangents(
+  loss: losses.LossConfig, ref, rec, real, fake, to_rec
+) -> dict[str, jax.Array]:
+  """Each weighted generator term's gradient at x̂, {term: [B, T, C]}.
+
+  `fake` None: the reconstruction terms only. The discriminator terms go
+  back to x̂ through `to_rec` (the VJP of the pass on x̂ w.r.t. its input),
+  batched over the terms.
+  """
+  weights = loss.weights()
+  recon = losses.reconstruction_losses(loss, ref, rec)
+  out = {}
+  for name in recon:
+    if weights[name]:
+      out[name] = jax.grad(
+        lambda r, n=name: (
+          weights[n] * losses.reconstruction_losses(loss, ref, r)[n]
+        )
+      )(rec)
+  if fake is None:
+    return out
+  names = [n for n in ('feat', 'adv') if weights[n]]
+  if names:
+
+    def term(fake, name):
+      return weights[name] * losses.adversarial_losses(loss, real, fake)[name]
+
+    cts = [jax.grad(functools.partial(term, name=n))(fake) for n in names]
+    stacked = jax.tree.map(lambda *x: jnp.stack(x), *cts)
+    at_rec = jax.vmap(to_rec)(stacked)
+    out.update(zip(names, at_rec, strict=True))
+  return out
+
+
+def _norm(x: jax.Array) -> jax.Array:
+  return jnp.sqrt(jnp.sum(jnp.square(x)))
+
+
+def _grad_metrics(cts: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """`g/grad/<term>`: norms of the weighted terms' gradients at x̂, and of
+  their sum."""
+  metrics = {f'g/grad/{name}': _norm(ct) for name, ct in cts.items()}
+  metrics['g/grad/total'] = _norm(sum(cts.values()))
+  return metrics
+
+
+def _balanced(
+  loss: losses.LossConfig,
+  cts: dict[str, jax.Array],
+  balance: train_state.BalancerState,
+) -> tuple[jax.Array, train_state.BalancerState]:
+  """EnCodec's balancer: Σ_t (w_t / Σw) · g_t / ‖g_t‖ with running norms.
+
+  g_t is term t's unweighted gradient at x̂; its norm is a bias-corrected
+  running mean (decay `loss.balancer_decay`).
+  """
+  weights = loss.weights()
+  current = jnp.stack(
+    [
+      _norm(cts[name]) / weights[name] if name in cts else 0.0
+      for name in losses.TERMS
+    ]
+  )
+  d = loss.balancer_decay
+  balance = train_state.BalancerState(
+    norms=d * balance.norms + (1.0 - d) * current,
+    weight=d * balance.weight + (1.0 - d),
+  )
+  mean = balance.norms / balance.weight
+  total_weight = sum(weights[name] for name in cts)
+  ct = 0.0
+  for i, name in enumerate(losses.TERMS):
+    if name in cts:
+      scale = 1.0 / (total_weight * jnp.maximum(mean[i], 1e-12))
+      ct = ct + cts[name] * scale
+  return ct, balance
+
+
 def train_step(
   config: StepConfig,
   state: train_state.TrainState,
   batch: dict[str, jax.Array],
   mesh: jax.sharding.Mesh | None = None,
+  warmup: bool = False,
 ) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
-  """One update of both networks on `batch['audio']` [B, T, C].
+  """One update on `batch['audio']` [B, T, C]: a GAN step, or a warm-up one.
 
   `mesh`: the batch is split over its `sharding.BATCH_AXES`; the RVQ's
   level loop then runs per device (see `quantizer.quantize_for_training`).
+  `warmup`: the reconstruction-only step of the module docstring.
   """
   codec = codec_lib.SpectroStream(config.codec)
   disc = disc_lib.MultiScaleSTFTDiscriminator(config.discriminator)
   tx, disc_tx = optimizers(config)
+  loss, qc = config.loss, config.codec.quantizer
   wav = batch['audio']
-  rng_quantizer = jax.random.fold_in(state.key(), state.step)
-
-  qc = config.codec.quantizer
+  rng_quantizer, rng_codebooks = jax.random.split(
+    jax.random.fold_in(state.key(), state.step)
+  )
 
   # Codec forward; the RVQ losses are outputs so their gradients flow back.
   def generate(params):
     variables = {'params': params}
     emb = codec.apply(variables, wav, method=codec.embed)
-    codebooks = replicate(params['quantizer']['embedding'], mesh)
-    q = rvq.quantize_for_training(
-      codebooks, emb, rng_quantizer, qc, mesh, sharding.BATCH_AXES
-    )
-    rec = codec.apply(
-      variables, q.decoder_input, method=codec.decode_embeddings
-    )
-    return (rec, q.commitment, q.codebook_loss), (emb, q)
+    if warmup:
+      q = None
+      decoder_input = emb
+      zeros = jnp.zeros((qc.num_levels,))
+      vq_losses = (zeros, zeros)
+    else:
+      codebooks = replicate(params['quantizer']['embedding'], mesh)
+      q = rvq.quantize_for_training(
+        codebooks, emb, rng_quantizer, qc, mesh, sharding.BATCH_AXES
+      )
+      decoder_input = q.decoder_input
+      vq_losses = (q.commitment, q.codebook_loss)
+    rec = codec.apply(variables, decoder_input, method=codec.decode_embeddings)
+    ref, rec = losses.trim(wav, rec, loss.skip_samples)
+    return (rec, *vq_losses), (emb, q, ref)
 
-  (rec, commitment, codebook_loss), codec_vjp, (emb, q) = jax.vjp(
+  (rec, commitment, codebook_loss), codec_vjp, (emb, q, ref) = jax.vjp(
     generate, state.params, has_aux=True
   )
-  target = losses.align_to_reconstruction(wav, rec)
 
-  def discriminate(disc_params, x):
-    return disc.apply({'params': disc_params}, x)
+  metrics = {}
+  disc_params, disc_opt_state = state.disc_params, state.disc_opt_state
+  balance = state.balance
+  if warmup:
+    g_metrics = losses.generator_losses(loss, ref, rec, None, None)[1]
+    cts = term_cotangents(loss, ref, rec, None, None, None)
+    ct_rec = sum(cts.values())
+    ct_vq = (jnp.zeros_like(commitment), jnp.zeros_like(codebook_loss))
+    metrics.update(_grad_metrics(cts))
+    disc_grad_norm = jnp.zeros(())
+  else:
 
-  real, real_vjp = jax.vjp(lambda p: discriminate(p, target), state.disc_params)
-  fake, fake_vjp = jax.vjp(discriminate, state.disc_params, rec)
+    def discriminate(disc_params, x):
+      return disc.apply({'params': disc_params}, x)
 
-  def generator_loss(fake, rec, commitment, codebook_loss):
-    out = q.replace(commitment=commitment, codebook_loss=codebook_loss)
-    return losses.generator_losses(config.loss, wav, rec, real, fake, out)
+    real, real_vjp = jax.vjp(lambda p: discriminate(p, ref), state.disc_params)
+    fake, fake_vjp = jax.vjp(discriminate, state.disc_params, rec)
 
-  g_cts, g_metrics = jax.grad(generator_loss, (0, 1, 2, 3), has_aux=True)(
-    fake, rec, commitment, codebook_loss
-  )
-  ct_fake, ct_rec, ct_commitment, ct_codebook = g_cts
-  (grads,) = codec_vjp(
-    (ct_rec + fake_vjp(ct_fake)[1], ct_commitment, ct_codebook)
-  )
+    def generator_loss(fake, rec, commitment, codebook_loss):
+      out = q.replace(commitment=commitment, codebook_loss=codebook_loss)
+      return losses.generator_losses(loss, ref, rec, real, fake, out)
 
-  (ct_real, ct_fake), d_metrics = jax.grad(
-    losses.discriminator_loss, (0, 1), has_aux=True
-  )(real, fake)
-  disc_grads = optax.tree.add(real_vjp(ct_real)[0], fake_vjp(ct_fake)[0])
-
-  grad_norm = optax.tree.norm(grads)
-  disc_grad_norm = optax.tree.norm(disc_grads)
-  finite = jnp.all(
-    jnp.isfinite(
-      jnp.stack(
-        [g_metrics['g/total'], d_metrics['d/loss'], grad_norm, disc_grad_norm]
+    if loss.balancer:
+      g_metrics = generator_loss(fake, rec, commitment, codebook_loss)[1]
+      cts = term_cotangents(
+        loss, ref, rec, real, fake, lambda ct: fake_vjp(ct)[1]
       )
+      ct_rec, balance = _balanced(loss, cts, state.balance)
+      metrics.update(_grad_metrics(cts))
+      ct_vq = (
+        jnp.full_like(commitment, loss.commitment_weight),
+        jnp.full_like(codebook_loss, loss.codebook_weight),
+      )
+    else:
+      g_cts, g_metrics = jax.grad(generator_loss, (0, 1, 2, 3), has_aux=True)(
+        fake, rec, commitment, codebook_loss
+      )
+      ct_fake, ct_rec, *ct_vq = g_cts
+      ct_rec = ct_rec + fake_vjp(ct_fake)[1]
+
+    (ct_real, ct_fake), d_metrics = jax.grad(
+      losses.discriminator_loss, (0, 1), has_aux=True
+    )(real, fake)
+    metrics.update(d_metrics)
+    disc_grads = optax.tree.add(real_vjp(ct_real)[0], fake_vjp(ct_fake)[0])
+    disc_grad_norm = optax.tree.norm(disc_grads)
+    disc_updates, disc_opt_state = disc_tx.update(
+      disc_grads, state.disc_opt_state, state.disc_params
     )
+    disc_params = optax.apply_updates(state.disc_params, disc_updates)
+
+  (grads,) = codec_vjp((ct_rec, *ct_vq))
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.all(
+    jnp.isfinite(jnp.stack([g_metrics['g/total'], grad_norm, disc_grad_norm]))
   )
+  if not warmup:
+    finite = finite & jnp.isfinite(metrics['d/loss'])
 
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  disc_updates, disc_opt_state = disc_tx.update(
-    disc_grads, state.disc_opt_state, state.disc_params
-  )
-  disc_params = optax.apply_updates(state.disc_params, disc_updates)
 
-  if config.ema_codebooks:
+  rows = emb.shape[0] * emb.shape[1]
+  if warmup:
+    codebooks = rvq.remember(state.codebooks, replicate(emb, mesh), state.step)
+  elif config.ema_codebooks:
     # Until `init_codebooks` has run, the codebooks stay as they are.
-    codebook, codebooks, restarts = rvq.ema_update(state.codebooks, q, qc)
+    codebook, codebooks, restarts = rvq.ema_update(
+      state.codebooks, q, rng_codebooks, qc
+    )
     ready = state.codebooks.initialized
     codebook = jnp.where(ready, codebook, params['quantizer']['embedding'])
     codebooks = jax.tree.map(
@@ -237,9 +371,13 @@ def train_step(
     )
     restarts = jnp.where(ready, restarts, 0)
     params = {**params, 'quantizer': {'embedding': codebook}}
+    metrics.update(_per_level('restarts', restarts))
+    metrics['vq/restarts'] = jnp.sum(restarts)
+    metrics.update(
+      _per_level('active', rvq.active_fraction(codebooks, rows, qc))
+    )
   else:
     codebooks = state.codebooks
-    restarts = jnp.zeros((qc.num_levels,), jnp.int32)
 
   decay = jnp.minimum(
     config.ema_decay, (1.0 + state.step) / (10.0 + state.step)
@@ -252,7 +390,15 @@ def train_step(
     return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
   updated = keep_if_finite(
-    (params, disc_params, opt_state, disc_opt_state, ema_params, codebooks),
+    (
+      params,
+      disc_params,
+      opt_state,
+      disc_opt_state,
+      ema_params,
+      codebooks,
+      balance,
+    ),
     (
       state.params,
       state.disc_params,
@@ -260,31 +406,106 @@ def train_step(
       state.disc_opt_state,
       state.ema_params,
       state.codebooks,
+      state.balance,
     ),
   )
+  ema_params = updated[4]
+  if config.ema_codebooks:
+    # The codebooks the decoder was trained with, not an average of them
+    # (the same value, not a recomputation XLA might round differently).
+    ema_params = {**ema_params, 'quantizer': updated[0]['quantizer']}
   new_state = state.replace(
     step=state.step + 1,
     params=updated[0],
     disc_params=updated[1],
     opt_state=updated[2],
     disc_opt_state=updated[3],
-    ema_params=updated[4],
+    ema_params=ema_params,
     codebooks=updated[5],
+    balance=updated[6],
     skipped=state.skipped + jnp.where(finite, 0, 1),
   )
-  metrics = {
-    **g_metrics,
-    **d_metrics,
-    'g/grad_norm': grad_norm,
-    'd/grad_norm': disc_grad_norm,
-    'g/lr': optim.learning_rate(config.generator_optimizer)(state.step),
-    'd/lr': optim.learning_rate(config.discriminator_optimizer)(state.step),
-    'vq/restarts': jnp.sum(restarts),
-    'vq/bypassed': jnp.mean(q.bypassed.astype(jnp.float32)),
-    'train/skipped': new_state.skipped,
-    **_level_metrics(q.counts),
-  }
+  metrics.update(g_metrics)
+  metrics.update(
+    {
+      'g/grad_norm': grad_norm,
+      'g/lr': optim.learning_rate(config.generator_optimizer)(state.step),
+      'train/skipped': new_state.skipped,
+    }
+  )
+  if not warmup:
+    metrics.update(
+      {
+        'd/grad_norm': disc_grad_norm,
+        'd/lr': optim.learning_rate(config.discriminator_optimizer)(state.step),
+        'vq/bypassed': jnp.mean(q.bypassed.astype(jnp.float32)),
+        **_level_metrics(q.counts),
+      }
+    )
   return new_state, metrics
+
+
+def gradient_norms(
+  config: StepConfig,
+  state: train_state.TrainState,
+  batch: dict[str, jax.Array],
+  mesh: jax.sharding.Mesh | None = None,
+  warmup: bool = False,
+) -> dict[str, jax.Array]:
+  """What each generator term contributes to the gradient at x̂.
+
+  The step's forward pass on `batch` (same key, same RVQ draws), then
+  `g/grad/<term>`: the norm of the weighted term's gradient at x̂ over the
+  batch, `g/grad/total`: the norm of their sum, and `g/share/<term>`:
+  each norm over the sum of the norms. Read with docs/training.md.
+  """
+  codec = codec_lib.SpectroStream(config.codec)
+  disc = disc_lib.MultiScaleSTFTDiscriminator(config.discriminator)
+  loss, qc = config.loss, config.codec.quantizer
+  wav = batch['audio']
+  rng_quantizer = jax.random.split(jax.random.fold_in(state.key(), state.step))[
+    0
+  ]
+  variables = {'params': state.params}
+  emb = codec.apply(variables, wav, method=codec.embed)
+  decoder_input = emb
+  if not warmup:
+    codebooks = replicate(state.params['quantizer']['embedding'], mesh)
+    decoder_input = rvq.quantize_for_training(
+      codebooks, emb, rng_quantizer, qc, mesh, sharding.BATCH_AXES
+    ).decoder_input
+  rec = codec.apply(variables, decoder_input, method=codec.decode_embeddings)
+  ref, rec = losses.trim(wav, rec, loss.skip_samples)
+  real = fake = to_rec = None
+  if not warmup:
+
+    def discriminate(x):
+      return disc.apply({'params': state.disc_params}, x)
+
+    real = discriminate(ref)
+    fake, fake_vjp = jax.vjp(discriminate, rec)
+
+    def to_rec(ct):
+      return fake_vjp(ct)[0]
+
+  cts = term_cotangents(loss, ref, rec, real, fake, to_rec)
+  metrics = _grad_metrics(cts)
+  total = sum(metrics[f'g/grad/{name}'] for name in cts)
+  for name in cts:
+    metrics[f'g/share/{name}'] = metrics[f'g/grad/{name}'] / total
+  return metrics
+
+
+def _per_level(name: str, values: jax.Array) -> dict[str, jax.Array]:
+  return {f'vq/{name}/L{i:02d}': values[i] for i in range(values.shape[0])}
+
+
+def _level_metrics(counts: jax.Array) -> dict[str, jax.Array]:
+  stats = rvq.codebook_metrics(counts)
+  out = {}
+  for name, values in stats.items():
+    out.update(_per_level(name, values))
+  return out
 
 
 def evaluate(
@@ -293,30 +514,38 @@ def evaluate(
   wav: jax.Array,
   levels: Sequence[int],
   mesh: jax.sharding.Mesh | None = None,
-) -> tuple[dict[str, jax.Array], jax.Array]:
+) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
   """Per-example mel distance and SI-SDR at each number of RVQ levels.
 
-  Encodes once with max(levels) levels and decodes each prefix. Returns
+  Encodes once with max(levels) levels and decodes each prefix; metrics
+  leave out the first `skip_samples` like the losses. Returns
   ({'mel_distance/<n>': [B], 'si_sdr/<n>': [B]}, reconstructions
-  [len(levels), B, T', C]).
+  [len(levels), B, T', C], code counts [max(levels), K] of the batch).
   """
   codec = codec_lib.SpectroStream(config.codec)
   codebooks = replicate(params['quantizer']['embedding'], mesh)
   variables = {'params': {**params, 'quantizer': {'embedding': codebooks}}}
   codes = codec.apply(variables, wav, max(levels), method=codec.encode)
+  k = config.codec.quantizer.codebook_size
+  flat = codes.reshape(-1, codes.shape[-1])
+  counts = (
+    jnp.zeros((flat.shape[1], k))
+    .at[jnp.arange(flat.shape[1])[None, :], flat]
+    .add(1.0)
+  )
   recs, metrics = [], {}
   for n in levels:
     rec = codec.apply(variables, codes[..., :n], method=codec.decode)
-    ref = losses.align_to_reconstruction(wav, rec)
+    ref, trimmed = losses.trim(wav, rec, config.loss.skip_samples)
     metrics[f'mel_distance/{n}'] = losses.mel_distance(
       ref,
-      rec,
+      trimmed,
       config.loss.sample_rate,
       config.loss.mel_windows,
       config.loss.mel_hops_per_window,
       config.loss.num_mels,
       config.loss.log_eps,
     )
-    metrics[f'si_sdr/{n}'] = losses.si_sdr(ref, rec)
+    metrics[f'si_sdr/{n}'] = losses.si_sdr(ref, trimmed)
     recs.append(rec)
-  return metrics, jnp.stack(recs)
+  return metrics, jnp.stack(recs), counts

@@ -40,6 +40,7 @@ from spectrostream_jax import state as train_state
 from spectrostream_jax import step as step_lib
 from spectrostream_jax import train_logging
 from spectrostream_jax.data import pipeline
+from spectrostream_jax.models import quantizer as rvq
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory.', required=True)
 _GIN_FILES = flags.DEFINE_multi_string(
@@ -76,6 +77,7 @@ def train(
   eval_batches: int = 4,
   eval_kbps: tuple[float, ...] = (4.0, 8.0, 16.0),
   audio_examples: int = 2,
+  log_grad_norms: bool = True,
   seed: int = 0,
 ) -> train_state.TrainState:
   """Trains (or resumes) until `num_steps` updates; returns the state.
@@ -93,6 +95,9 @@ def train(
     eval_batches: held-out batches per eval.
     eval_kbps: bitrates of the eval (each a whole number of RVQ levels).
     audio_examples: held-out examples logged as audio and spectrograms.
+    log_grad_norms: at each log step, also measure what each generator
+      term contributes to the gradient at x̂ (`step.gradient_norms`, about
+      half a step's compute).
     seed: parameters and training randomness.
   """
   codec = model.codec
@@ -184,10 +189,15 @@ def train(
   programs = jit_programs(
     model, device_mesh, processes, state_sharding, levels, audio_examples
   )
+  warmup_steps = model.warmup_steps
   start = time.perf_counter()
   train_step = programs.train_step.lower(abstract, batch_shape).compile()
   compile_seconds = time.perf_counter() - start
   check_collective_order(train_step, 'the train step')
+  warmup_step = None
+  if first_step < warmup_steps:
+    warmup_step = programs.warmup_step.lower(abstract, batch_shape).compile()
+    check_collective_order(warmup_step, 'the warm-up step')
   memory = train_step.memory_analysis()
   cost = train_step.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
@@ -200,6 +210,13 @@ def train(
     memory.output_size_in_bytes / 2**20,
     memory.temp_size_in_bytes / 2**20,
   )
+  if warmup_steps:
+    logging.info(
+      'steps 1-%d: reconstruction-only warm-up; k-means and the GAN from '
+      'step %d',
+      warmup_steps,
+      warmup_steps + 1,
+    )
 
   # ---------------------------------------------------------------- Loop
   writer = train_logging.Writer(os.path.join(workdir, 'tensorboard'))
@@ -213,16 +230,26 @@ def train(
     batch = next(train_iter)
     skips.update(pipeline.skip_counts(batch))  # This process's share.
     batch = global_audio(batch)
-    if needs_codebooks:
+    warmup = step <= warmup_steps
+    if needs_codebooks and not warmup:
       state = programs.init_codebooks(state, batch)
       needs_codebooks = False
-    state, metrics = train_step(state, batch)
+    logging_step = step % log_every == 0 or step in (first_step + 1, num_steps)
+    grad_norms = {}
+    if logging_step and log_grad_norms:
+      norms = programs.warmup_norms if warmup else programs.gradient_norms
+      grad_norms = norms(state, batch)
+    state, metrics = (warmup_step if warmup else train_step)(state, batch)
     progress.update(step)
 
-    if step % log_every == 0 or step in (first_step + 1, num_steps):
+    if logging_step:
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      shown = ('g/mel', 'g/adv', 'g/feat', 'd/loss', 'vq/commit')
-      rate = progress.report(step, {k: metrics[k] for k in shown})
+      grad_norms = jax.device_get(grad_norms)
+      metrics.update({k: float(v) for k, v in grad_norms.items()})
+      shown = ('g/mel', 'g/phase', 'g/adv', 'g/feat', 'd/loss', 'vq/commit')
+      rate = progress.report(
+        step, {k: metrics[k] for k in shown if k in metrics}
+      )
       metrics['perf/steps_per_second'] = rate
       metrics['perf/audio_seconds_per_second'] = rate * audio_seconds
       metrics.update({f'data/skips/{r}': float(n) for r, n in skips.items()})
@@ -271,8 +298,11 @@ class Programs(NamedTuple):
   """The jitted programs of a run (not yet compiled)."""
 
   train_step: Any  # (state, batch) -> (state, metrics); state donated
-  init_codebooks: Any  # (state, batch) -> state; once, before step 1
-  evaluate: Any  # (ema params, batch) -> (means, references, recs)
+  warmup_step: Any  # the same, reconstruction only (step.train_step)
+  init_codebooks: Any  # (state, batch) -> state; before the first GAN step
+  gradient_norms: Any  # (state, batch) -> metrics; diagnostics
+  warmup_norms: Any  # the same during the warm-up
+  evaluate: Any  # (ema params, batch) -> (means, references, recs, counts)
 
 
 def jit_programs(
@@ -295,31 +325,47 @@ def jit_programs(
     audio = sharding.example_order(batch['audio'], processes)
     return {'audio': jax.lax.with_sharding_constraint(audio, batch_sharding)}
 
-  def update(state, batch):
-    return step_lib.train_step(model, state, in_order(batch), mesh)
+  def update(state, batch, warmup=False):
+    return step_lib.train_step(model, state, in_order(batch), mesh, warmup)
 
   def init_codebooks(state, batch):
     return step_lib.init_codebooks(model, state, in_order(batch), mesh)
 
+  def norms(state, batch, warmup=False):
+    return step_lib.gradient_norms(model, state, in_order(batch), mesh, warmup)
+
   def evaluate(params, batch):
     wav = in_order(batch)['audio']
-    metrics, recs = step_lib.evaluate(model, params, wav, levels, mesh)
+    metrics, recs, counts = step_lib.evaluate(model, params, wav, levels, mesh)
     means = {k: jnp.mean(v) for k, v in metrics.items()}
-    return means, wav[:audio_examples], recs[:, :audio_examples]
+    return means, wav[:audio_examples], recs[:, :audio_examples], counts
 
-  return Programs(
-    train_step=jax.jit(
-      update,
+  def step_program(warmup):
+    return jax.jit(
+      functools.partial(update, warmup=warmup),
       in_shardings=(state_sharding, batch_sharding),
       out_shardings=(state_sharding, replicated),
       donate_argnums=(0,),
-    ),
+    )
+
+  def norms_program(warmup):
+    return jax.jit(
+      functools.partial(norms, warmup=warmup),
+      in_shardings=(state_sharding, batch_sharding),
+      out_shardings=replicated,
+    )
+
+  return Programs(
+    train_step=step_program(False),
+    warmup_step=step_program(True),
     init_codebooks=jax.jit(
       init_codebooks,
       in_shardings=(state_sharding, batch_sharding),
       out_shardings=state_sharding,
       donate_argnums=(0,),
     ),
+    gradient_norms=norms_program(False),
+    warmup_norms=norms_program(True),
     evaluate=jax.jit(
       evaluate,
       in_shardings=(state_sharding.ema_params, {'audio': batch_sharding}),
@@ -346,10 +392,11 @@ def check_collective_order(compiled: Any, what: str) -> None:
 
 
 def _evaluate(eval_step, params, held_out, kbps, codec, writer, step):
-  """Runs the held-out set; logs scalars, audio and spectrograms."""
-  totals = {}
+  """Runs the held-out set; logs scalars, codebook use, audio, spectrograms."""
+  totals, counts = {}, 0.0
   for i, batch in enumerate(held_out):
-    means, refs, recs = jax.device_get(eval_step(params, batch))
+    means, refs, recs, batch_counts = jax.device_get(eval_step(params, batch))
+    counts = counts + batch_counts
     for name, value in means.items():
       totals[name] = totals.get(name, 0.0) + float(value) / len(held_out)
     if i == 0:
@@ -362,12 +409,22 @@ def _evaluate(eval_step, params, held_out, kbps, codec, writer, step):
       {f'eval/{name}/{k:g}kbps': v for k, v in zip(kbps, values, strict=True)}
     )
     metrics[f'eval/{name}'] = float(np.mean(values))
+  use = rvq.codebook_metrics(np.asarray(counts))
+  for name, values in use.items():
+    metrics.update(
+      {f'eval/{name}/L{i:02d}': float(v) for i, v in enumerate(values)}
+    )
   writer.scalars(step, metrics)
   writer.flush()
+  # The log line: every bitrate's figures, and level 1's codebook use.
+  shown = {k: v for k, v in metrics.items() if '/L' not in k}
+  shown.update(
+    {k: metrics[k] for k in ('eval/usage/L00', 'eval/perplexity/L00')}
+  )
   logging.info(
     'eval at step %d: %s',
     step,
-    ', '.join(f'{k} {v:.4g}' for k, v in metrics.items()),
+    ', '.join(f'{k} {v:.4g}' for k, v in shown.items()),
   )
   return metrics
 

@@ -12,6 +12,7 @@ devices, as two processes would see them, with every parameter that can
 be split over 'fsdp' split.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -38,10 +39,9 @@ MESH = sharding.MeshConfig(data=4, fsdp=2, min_fsdp_size=1)
 BATCH, CROP = 8, 4 * 1920
 
 
-@pytest.fixture(scope='module')
-def programs():
+def jitted_programs(model):
   mesh = sharding.make_mesh(MESH)
-  abstract = jax.eval_shape(functools.partial(step.init_state, MODEL), 0)
+  abstract = jax.eval_shape(functools.partial(step.init_state, model), 0)
   shardings = sharding.tree_shardings(mesh, abstract, MESH)
   abstract = jax.tree.map(
     lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
@@ -54,14 +54,12 @@ def programs():
     )
   }
   jitted = train.jit_programs(
-    MODEL, mesh, 2, shardings, levels=[2, 8], audio_examples=1
+    model, mesh, 2, shardings, levels=[2, 8], audio_examples=1
   )
   return jitted, abstract, batch
 
 
-@pytest.mark.parametrize('name', ['train_step', 'init_codebooks', 'evaluate'])
-def test_no_collective_inside_loops_or_conditionals(programs, name):
-  jitted, abstract, batch = programs
+def check(jitted, abstract, batch, name):
   state = abstract.ema_params if name == 'evaluate' else abstract
   compiled = getattr(jitted, name).lower(state, batch).compile(FAST_COMPILE)
   text = compiled.as_text()
@@ -71,3 +69,18 @@ def test_no_collective_inside_loops_or_conditionals(programs, name):
   # Several CPU processes refuse a program that breaks the rule; this one
   # passes (a no-op with one process, as here).
   train.check_collective_order(compiled, name)
+
+
+@pytest.fixture(scope='module')
+def programs():
+  return jitted_programs(MODEL)
+
+
+@pytest.mark.parametrize('name', train.Programs._fields)
+def test_no_collective_inside_loops_or_conditionals(programs, name):
+  check(*programs, name)
+
+
+def test_balanced_train_step_keeps_the_rule_too():
+  loss = dataclasses.replace(MODEL.loss, balancer=True)
+  check(*jitted_programs(dataclasses.replace(MODEL, loss=loss)), 'train_step')

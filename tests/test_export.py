@@ -41,6 +41,7 @@ TRAIN_ARGS = (
   # Not the tiny preset, so the config must come from config.gin.
   '--gin.quantizer.QuantizerConfig.codebook_size=8',
   '--gin.train.eval_kbps=(0.15, 0.3, 0.6)',
+  '--gin.train.log_grad_norms=False',
 )
 
 

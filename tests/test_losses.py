@@ -1,6 +1,7 @@
 """GAN and reconstruction losses, and the eval metrics, on known values."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -111,6 +112,60 @@ def test_mel_loss_zero_for_identical_and_grows_with_noise():
   assert np.all(np.isfinite(grad(silent, silent)))
 
 
+def test_log_mel_loss_is_a_mean_log_error_per_bin():
+  wav = sine(4800) + noise((1, 4800, 2), seed=3, scale=0.01)
+  assert float(losses.log_mel_loss(wav, wav)) == 0.0
+  # A gain of g is |log10 g| in every bin well above the floor.
+  np.testing.assert_allclose(
+    losses.log_mel_loss(wav, 0.5 * wav, windows=(256, 1024)),
+    np.log10(2.0),
+    rtol=0.02,
+  )
+  # Amplitude scale: a full-scale sine reads about 1 in its mel band.
+  fb, scale = losses._amplitude_filterbank(64, 1024, SR)
+  mag = signal.magnitude_spectrogram(sine(9600) * 2.0, 1024, 256)
+  peak = float(jnp.max((mag * scale) @ jnp.asarray(fb)))
+  assert 0.5 < peak < 1.5
+
+
+def test_phase_terms_see_phase_and_not_the_level():
+  x = sine(9600, freq=440.0) + noise((1, 9600, 2), seed=8, scale=0.05)
+  late = jnp.roll(x, 37, axis=1)
+  for loss in (
+    lambda a, b: losses.phase_loss(a, b, (256, 1024)),
+    losses.waveform_loss,
+  ):
+    assert float(loss(x, x)) == pytest.approx(0.0, abs=1e-5)
+    assert float(loss(x, late)) > 0.1
+  # A quieter or louder copy costs nothing in the waveform term and little
+  # in the phase term (its phasor saturates at 0.1 of the reference bin's
+  # magnitude: 12 dB down costs 0.067): levels are the mel's job.
+  for gain in (0.25, 3.0):
+    assert float(losses.waveform_loss(x, gain * x)) == pytest.approx(
+      0.0, abs=1e-5
+    )
+  phase = functools.partial(losses.phase_loss, windows=(256, 1024))
+  assert float(phase(x, 3.0 * x)) < 0.01
+  assert 0.03 < float(phase(x, 0.25 * x)) < 0.1
+  # Random phases cost about 1.26 of the level; a copy 60 dB down costs
+  # about 1 in the phase term and 1 in the waveform term: there is no
+  # going quiet to escape them (the mel term punishes that on its own).
+  other = noise((1, 9600, 2), seed=9)
+  value = float(losses.phase_loss(other, noise((1, 9600, 2), seed=10)))
+  assert 1.15 < value < 1.4
+  quiet = 1e-3 * noise((1, 9600, 2), seed=10)
+  assert 0.9 < float(losses.phase_loss(other, quiet)) < 1.05
+  assert float(losses.waveform_loss(other, jnp.zeros_like(other))) >= 1.0 - 1e-6
+  # Bounded gradients at silence: each bin's at most 1 / softness times a
+  # bin's share of the reference.
+  grads = jax.grad(lambda r: losses.phase_loss(x, r, (256,)))(jnp.zeros_like(x))
+  assert np.all(np.isfinite(grads))
+  at_x = jax.grad(lambda r: losses.phase_loss(x, r, (256,)))(
+    x + noise(x.shape, seed=11, scale=0.01)
+  )
+  assert float(jnp.linalg.norm(grads)) < 30 * float(jnp.linalg.norm(at_x))
+
+
 def test_align_to_reconstruction():
   wav = noise((2, 5000, 2))
   rec = noise((2, 3840, 2), seed=1)
@@ -139,17 +194,24 @@ def quantizer_output(commitment, codebook_loss):
 
 
 def test_generator_losses_weights_and_metrics():
-  config = losses.LossConfig(mel_windows=(64, 128))
-  wav = noise((1, 2000, 2), seed=5)
+  config = losses.LossConfig(
+    mel_windows=(64, 128),
+    phase_windows=(64, 128),
+    phase_weight=2.0,
+    wav_weight=3.0,
+  )
+  ref = noise((1, 1920, 2), seed=5)
   rec = noise((1, 1920, 2), seed=6)
   real = [(jnp.array([[0.0]]), [jnp.array([1.0, -1.0])])]
   fake = [(jnp.array([[-1.0]]), [jnp.array([2.0, -1.0])])]
   q = quantizer_output([0.5, 0.25], [1.0, 2.0])
-  total, metrics = losses.generator_losses(config, wav, rec, real, fake, q)
+  total, metrics = losses.generator_losses(config, ref, rec, real, fake, q)
   assert set(metrics) == {
     'g/adv',
     'g/feat',
     'g/mel',
+    'g/phase',
+    'g/wav',
     'vq/commit',
     'vq/codebook',
     'g/total',
@@ -157,21 +219,57 @@ def test_generator_losses_weights_and_metrics():
   np.testing.assert_allclose(metrics['g/adv'], 2.0)
   np.testing.assert_allclose(metrics['g/feat'], 0.5 / 1.0)
   np.testing.assert_allclose(
-    metrics['g/mel'],
-    losses.multiscale_mel_loss(wav[:, :1920], rec, SR, (64, 128)),
+    metrics['g/mel'], losses.log_mel_loss(ref, rec, SR, (64, 128)), rtol=1e-6
   )
+  np.testing.assert_allclose(
+    metrics['g/phase'],
+    losses.phase_loss(ref, rec, (64, 128), 4),
+    rtol=1e-6,
+  )
+  np.testing.assert_allclose(metrics['g/wav'], losses.waveform_loss(ref, rec))
   np.testing.assert_allclose(metrics['vq/commit'], 0.75)
   np.testing.assert_allclose(metrics['vq/codebook'], 3.0)
-  expected = 2.0 + 100 * 0.5 + metrics['g/mel'] + 0.75
+  expected = (
+    2.0
+    + 100 * 0.5
+    + metrics['g/mel']
+    + 2.0 * metrics['g/phase']
+    + 3.0 * metrics['g/wav']
+    + 0.75
+  )
   np.testing.assert_allclose(total, expected, rtol=1e-6)
   assert metrics['g/total'] == total
   weighted = dataclasses.replace(
-    config, adversarial_weight=3.0, mel_weight=0.0, codebook_weight=0.5
+    config,
+    adversarial_weight=3.0,
+    mel_weight=0.0,
+    phase_weight=0.0,
+    wav_weight=0.0,
+    codebook_weight=0.5,
   )
-  total, _ = losses.generator_losses(weighted, wav, rec, real, fake, q)
+  total, metrics = losses.generator_losses(weighted, ref, rec, real, fake, q)
   np.testing.assert_allclose(total, 3 * 2.0 + 50 + 0.75 + 0.5 * 3.0, rtol=1e-6)
-  _, metrics = losses.generator_losses(config, wav, rec, real, fake)
+  assert 'g/phase' not in metrics and 'g/wav' not in metrics
+  _, metrics = losses.generator_losses(config, ref, rec, real, fake)
   assert 'vq/commit' not in metrics
+  # Warm-up: no discriminator outputs, no adversarial terms.
+  _, metrics = losses.generator_losses(config, ref, rec, None, None)
+  assert 'g/adv' not in metrics and 'g/feat' not in metrics
+  soundstream = dataclasses.replace(config, mel_form='soundstream')
+  _, metrics = losses.generator_losses(soundstream, ref, rec, None, None)
+  np.testing.assert_allclose(
+    metrics['g/mel'], losses.multiscale_mel_loss(ref, rec, SR, (64, 128))
+  )
+
+
+def test_trim_drops_the_fade_in_and_the_look_ahead_tail():
+  wav = jnp.arange(2 * 3000 * 2, dtype=jnp.float32).reshape(2, 3000, 2)
+  rec = wav[:, :1920] + 1.0
+  ref, out = losses.trim(wav, rec, 480)
+  np.testing.assert_array_equal(ref, wav[:, 480:1920])
+  np.testing.assert_array_equal(out, rec[:, 480:])
+  with pytest.raises(ValueError, match='leave none'):
+    losses.trim(wav, rec, 1920)
 
 
 def random_params(config, seed=0):
@@ -193,7 +291,13 @@ def test_gradients_through_discriminator_are_finite():
     channel_multipliers=(1, 2),
     strides=((1, 2), (1, 2)),
   )
-  config = losses.LossConfig(mel_windows=(32, 64))
+  # Every term, at a reference that is silent for its first 100 samples.
+  config = losses.LossConfig(
+    mel_windows=(32, 64),
+    phase_windows=(32, 64),
+    phase_weight=1.0,
+    wav_weight=1.0,
+  )
   model = disc.MultiScaleSTFTDiscriminator(d_config)
   d_params = random_params(d_config)
   wav = jnp.concatenate([jnp.zeros((2, 100, 2)), noise((2, 300, 2))], axis=1)
@@ -204,7 +308,7 @@ def test_gradients_through_discriminator_are_finite():
     def g_loss(rec):
       real = model.apply({'params': d_params}, wav[:, :320])
       fake = model.apply({'params': d_params}, rec)
-      return losses.generator_losses(config, wav, rec, real, fake)[0]
+      return losses.generator_losses(config, wav[:, :320], rec, real, fake)[0]
 
     def d_loss(d_params):
       real = model.apply({'params': d_params}, wav[:, :320])

@@ -1,14 +1,16 @@
 """`spectrostream-train` end to end, in subprocesses.
 
 The quickstart experiment shrunk further (a 2-scale discriminator, 8
-clips of 3 + 1 frames, 4 steps) runs on 1 device, on 8 devices and on
-2 processes × 2 devices (jax.distributed on 127.0.0.1): all three end
-with the same parameters. A run killed with SIGKILL and resumed ends with
-exactly the parameters of the uninterrupted run; SIGTERM saves and exits
-0. Runs share a persistent compilation cache and compile with LLVM
-optimisation off (faster to compile; rounding differs, not the math).
+clips of 3 + 1 frames, 4 steps: 2 of warm-up, k-means, 2 GAN steps) runs
+on 1 device, on 8 devices and on 2 processes × 2 devices
+(jax.distributed on 127.0.0.1): all three end with the same parameters.
+A run killed with SIGKILL and resumed ends with exactly the parameters of
+the uninterrupted run; SIGTERM saves and exits 0. Runs share a persistent
+compilation cache and compile with LLVM optimisation off (faster to
+compile; rounding differs, not the math).
 """
 
+import dataclasses
 import os
 import pathlib
 import signal
@@ -25,6 +27,7 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 import gin
+from spectrostream_jax import losses
 from spectrostream_jax import step
 from spectrostream_jax import train
 from spectrostream_jax.data import pipeline
@@ -45,8 +48,14 @@ ARGS = (
   '--gin.pipeline.PipelineConfig.batch_size=8',
   '--gin.held_out/pipeline.PipelineConfig.batch_size=8',
   '--gin.transforms.AudioConfig.crop_samples=7680',
-  # Well-conditioned k-means: 32 embeddings per batch for 8 codes, not 64.
+  # Steps 1-2 reconstruction only, k-means on their 64 embeddings and step
+  # 3's 32, steps 3-4 GAN.
+  '--gin.step.StepConfig.warmup_steps=2',
+  '--gin.quantizer.QuantizerConfig.kmeans_buffer=64',
+  # Well-conditioned k-means: 96 embeddings for 8 codes, not 64.
   '--gin.quantizer.QuantizerConfig.codebook_size=8',
+  # The gradient-share diagnostics: in the 8-device run only.
+  '--gin.train.log_grad_norms=False',
   # Adam's first steps move a parameter by lr · g / (|g| + eps): an element
   # whose gradient is zero up to rounding (which is ~1e-5 next to a
   # gradient norm of ~3e3, so it differs between device layouts, measured
@@ -74,6 +83,8 @@ CODEBOOK_ATOL = 2e-4
 LOSSES = {
   'g/total': 1e-5,
   'g/mel': 1e-5,
+  'g/phase': 1e-5,
+  'g/wav': 1e-5,
   'g/feat': 1e-4,
   'd/loss': 1e-5,
   'vq/commit': 1e-3,
@@ -179,7 +190,11 @@ def assert_params_close(a, b, rtol, atol):
 
 def test_same_numbers_on_1_and_8_devices_and_2_processes(tmp_path, cache):
   """Also: the 8-device run's checkpoints, events and operative config."""
-  eight = start(tmp_path / 'eight', cache, extra=['--gin.train.eval_every=4'])
+  eight = start(
+    tmp_path / 'eight',
+    cache,
+    extra=['--gin.train.eval_every=4', '--gin.train.log_grad_norms=True'],
+  )
   log = finish(eight)
   one = start(tmp_path / 'one', cache, devices=1)
   coordinator = f'127.0.0.1:{free_port()}'
@@ -201,7 +216,7 @@ def test_same_numbers_on_1_and_8_devices_and_2_processes(tmp_path, cache):
   for other in ('one', 'two'):
     other_logged = events(tmp_path / other)
     for tag, rel in LOSSES.items():
-      assert sorted(other_logged[tag]) == list(range(1, STEPS + 1))
+      assert sorted(other_logged[tag]) == sorted(logged[tag]), tag
       for i, value in other_logged[tag].items():
         assert value == pytest.approx(logged[tag][i], rel=rel), (tag, i)
     state = load_state(tmp_path / other, STEPS)
@@ -216,6 +231,13 @@ def test_same_numbers_on_1_and_8_devices_and_2_processes(tmp_path, cache):
       state['disc_params'], reference['disc_params'], 1e-3, DISC_ATOL
     )
 
+  # Reconstruction terms at every step, the GAN's from step 3.
+  assert sorted(logged['g/mel']) == [1, 2, 3, 4]
+  assert sorted(logged['g/wav']) == [1, 2, 3, 4]
+  assert sorted(logged['d/loss']) == [3, 4]
+  assert sorted(logged['vq/commit']) == [3, 4]
+  assert sorted(logged['g/share/mel']) == [1, 2, 3, 4]
+  assert sorted(logged['g/share/feat']) == [3, 4]
   workdir = tmp_path / 'eight'
   assert steps(workdir) == [2, 4]
   operative = (workdir / 'config.gin').read_text()
@@ -230,6 +252,12 @@ def test_same_numbers_on_1_and_8_devices_and_2_processes(tmp_path, cache):
     'g/lr',
     'vq/usage/L07',
     'vq/perplexity/L00',
+    'vq/restarts/L00',
+    'vq/active/L07',
+    'g/grad/phase',
+    'g/grad/adv',
+    'eval/usage/L00',
+    'eval/perplexity/L07',
     'perf/steps_per_second',
     'perf/audio_seconds_per_second',
     'eval/mel_distance/0.6kbps',
@@ -314,21 +342,53 @@ def test_every_experiment_takes_num_steps(experiment):
     gin.clear_config()
 
 
-def test_experiment_models():
+def same_network(config: codec.CodecConfig, preset: codec.CodecConfig):
+  """The preset's network and codebook shapes (recipes set how the RVQ
+  trains)."""
+  q, p = config.quantizer, preset.quantizer
+  shape = ('num_levels', 'codebook_size', 'dim')
+  return dataclasses.replace(config, quantizer=p) == preset and all(
+    getattr(q, f) == getattr(p, f) for f in shape
+  )
+
+
+@pytest.mark.parametrize(
+  'experiment,preset',
+  [
+    ('quickstart', codec.tiny()),
+    ('production_debian', codec.production()),
+    ('small_debian', codec.small()),
+  ],
+)
+def test_experiment_models_and_recipe(experiment, preset):
   gin.clear_config()
   try:
-    train.parse_gin(['experiments/quickstart.gin'], [])
+    train.parse_gin([f'experiments/{experiment}.gin'], [])
     model = gin.query_parameter('train.model').scoped_configurable_fn()
-    assert model.codec == codec.tiny()
+    assert same_network(model.codec, preset)
+    # The default recipe (recipes/default.gin), two learning rates, a
+    # warm-up that gives k-means data.
+    assert model.loss == losses.LossConfig()
+    assert model.codec.quantizer.bypass_prob == 0.25
+    assert model.warmup_steps > 0
+    for name in ('generator_optimizer', 'discriminator_optimizer'):
+      assert (
+        gin.query_parameter(
+          f'{name.split("_")[0]}/optim.OptimizerConfig.learning_rate'
+        )
+        == getattr(model, name).learning_rate
+      )
+    if experiment == 'small_debian':
+      assert model.discriminator.base_channels == 8
+      assert model.discriminator_optimizer.learning_rate == 2e-4
     gin.clear_config()
-    train.parse_gin(['experiments/production_debian.gin'], [])
+    train.parse_gin(
+      [f'experiments/{experiment}.gin', 'recipes/soundstream.gin'], []
+    )
     model = gin.query_parameter('train.model').scoped_configurable_fn()
-    assert model.codec == codec.production()
-    gin.clear_config()
-    train.parse_gin(['experiments/small_debian.gin'], [])
-    model = gin.query_parameter('train.model').scoped_configurable_fn()
-    assert model.codec == codec.small()
-    assert model.discriminator.base_channels == 8
+    assert model.loss.mel_form == 'soundstream'
+    assert model.loss.phase_weight == model.loss.wav_weight == 0.0
+    assert model.warmup_steps == 0
   finally:
     gin.clear_config()
 

@@ -33,17 +33,41 @@ class QuantizerConfig:
   codebook_learning: str = 'ema'
   ema_decay: float = 0.99
   ema_epsilon: float = 1e-5
-  # A code whose EMA count (assignments per batch) falls below this restarts.
-  dead_code_threshold: float = 1.0
+  # Dead codes: EMA count (assignments per step) below this fraction of
+  # the count of a uniformly used code (rows per step / codebook size),
+  # and not restarted within the last `restart_grace_steps` steps.
+  dead_code_fraction: float = 0.25
+  restart_grace_steps: int = 50
+  # At most this many restarts per level and step (None: the step's rows),
+  # each from a different row of the batch, plus Gaussian jitter of this
+  # fraction of the candidates' RMS.
+  max_restarts: int | None = None
+  restart_jitter: float = 0.01
+  # k-means: iterations, and the embeddings it runs on (the newest ones
+  # of the warm-up, plus the batch of the step it runs at).
   kmeans_iters: int = 10
+  kmeans_buffer: int = 4096
   bypass_prob: float = 0.5
   # Levels the decoder may see during training; None derives SPEC's list.
   dropout_levels: tuple[int, ...] | None = None
+
+  def __post_init__(self):
+    if self.codebook_learning not in ('ema', 'gradient'):
+      raise ValueError(
+        f'codebook_learning {self.codebook_learning!r} not in (ema, gradient)'
+      )
+    if not 0.0 <= self.bypass_prob <= 1.0:
+      raise ValueError(f'bypass_prob {self.bypass_prob} not in [0, 1]')
 
   def training_levels(self) -> tuple[int, ...]:
     if self.dropout_levels is not None:
       return self.dropout_levels
     return default_dropout_levels(self.num_levels)
+
+  def restarts_per_step(self, rows: int) -> int:
+    """How many codes a level may restart in a step of `rows` embeddings."""
+    limit = rows if self.max_restarts is None else self.max_restarts
+    return max(1, min(rows, self.codebook_size, limit))
 
 
 def default_dropout_levels(num_levels: int) -> tuple[int, ...]:
@@ -176,6 +200,10 @@ def quantize_for_training(
 ) -> QuantizerOutput:
   """Runs all levels on the unmasked chain; see the module docstring.
 
+  The commitment loss counts only the examples that are not bypassed.
+  Restart candidates are rows of each level's residuals, a different row
+  per slot (a random permutation of the batch's rows).
+
   With a `mesh`, z's batch is split over `batch_axes` and each device runs
   the level loop on its own rows under `shard_map`; the statistics are
   summed over devices once, after the loop. No collective runs inside the
@@ -183,25 +211,29 @@ def quantize_for_training(
   why that matters on several processes.
   """
   z = z.astype(jnp.float32)
-  b = z.shape[0]
-  num_levels, k = codebooks.shape[:2]
+  b, frames, dim = z.shape
+  num_levels = codebooks.shape[0]
   rng_levels, rng_cand = jax.random.split(rng)
   n, bypass = sample_training_levels(rng_levels, b, config)
-  rows = z.reshape(-1, z.shape[-1]).shape[0]
-  cand_idx = jax.random.randint(rng_cand, (num_levels, k), 0, rows)
-  loop = functools.partial(_level_loop, elements=z.size)
+  rows = b * frames
+  slots = config.restarts_per_step(rows)
+  cand_idx = jax.vmap(lambda k: jax.random.permutation(k, rows)[:slots])(
+    jax.random.split(rng_cand, num_levels)
+  )
+  loop = _level_loop
   shards = 1 if mesh is None else math.prod(mesh.shape[a] for a in batch_axes)
   if shards > 1:
     batch = P(batch_axes)
     loop = jax.shard_map(
       functools.partial(loop, batch_axes=batch_axes),
       mesh=mesh,
-      in_specs=(P(), batch, batch, P()),
+      in_specs=(P(), batch, batch, batch, P()),
       out_specs=(batch, batch, P(), P(), P(), P(), P()),
     )
   quantized, codes, commit, cb_loss, counts, sums, cands = loop(
-    codebooks, z, n, cand_idx
+    codebooks, z, n, bypass, cand_idx
   )
+  kept = jnp.sum(~bypass).astype(jnp.float32) * frames * dim
   straight_through = z + jax.lax.stop_gradient(quantized - z)
   decoder_input = jnp.where(bypass[:, None, None], z, straight_through)
   return QuantizerOutput(
@@ -209,8 +241,8 @@ def quantize_for_training(
     codes=codes,
     num_levels=jnp.where(bypass, 0, n),
     bypassed=bypass,
-    commitment=commit,
-    codebook_loss=cb_loss,
+    commitment=commit / jnp.maximum(kept, 1.0),
+    codebook_loss=cb_loss / z.size,
     counts=counts,
     sums=sums,
     candidates=cands,
@@ -221,17 +253,17 @@ def _level_loop(
   codebooks: jax.Array,
   z: jax.Array,
   n: jax.Array,
+  bypass: jax.Array,
   cand_idx: jax.Array,
-  elements: int,
   batch_axes: tuple[str, ...] = (),
 ):
   """The level loop over this device's rows of z [b, N, D].
 
   Returns (quantized [b, N, D], codes [b, N, L], commitment [L],
-  codebook loss [L], counts [L, K], sums [L, K, D], candidates [L, K, D]);
-  the last five are global: partial sums reduced over `batch_axes` after
-  the loop. `cand_idx` [L, K] indexes the global rows; `elements` is the
-  global size of z.
+  codebook loss [L], counts [L, K], sums [L, K, D], candidates [L, M, D]);
+  the last five are global sums, of partial sums reduced over `batch_axes`
+  after the loop. The commitment sums over examples that are not
+  bypassed. `cand_idx` [L, M] indexes the global rows.
   """
   k = codebooks.shape[1]
   flat_rows = z.shape[0] * z.shape[1]
@@ -241,6 +273,7 @@ def _level_loop(
     # Per-device from here on: the gradient's sum over devices is then
     # one psum at this cast, not one per level inside the loop.
     codebooks = jax.lax.pcast(codebooks, batch_axes, to='varying')
+  committed = (~bypass)[:, None, None]
 
   def level(carry, xs):
     residual, acc = carry
@@ -248,7 +281,8 @@ def _level_loop(
     chain = jax.lax.stop_gradient(residual)
     code = nearest_code(chain, jax.lax.stop_gradient(codebook))
     chosen = jnp.take(codebook, code, axis=0)
-    commit = jnp.sum(jnp.square(residual - jax.lax.stop_gradient(chosen)))
+    gap = jnp.square(residual - jax.lax.stop_gradient(chosen))
+    commit = jnp.sum(jnp.where(committed, gap, 0.0))
     cb_loss = jnp.sum(jnp.square(chain - chosen))
     keep = (index < n)[:, None, None]
     acc = acc + jnp.where(keep, jax.lax.stop_gradient(chosen), 0.0)
@@ -271,23 +305,16 @@ def _level_loop(
   )
   if batch_axes:
     partial = jax.lax.psum(partial, batch_axes)
-  commit, cb_loss, counts, sums, cands = partial
-  return (
-    quantized,
-    jnp.moveaxis(codes, 0, -1),
-    commit / elements,
-    cb_loss / elements,
-    counts,
-    sums,
-    cands,
-  )
+  return quantized, jnp.moveaxis(codes, 0, -1), *partial
 
 
 class CodebookState(flax.struct.PyTreeNode):
-  """EMA statistics of the codebooks (per level, per code)."""
+  """EMA statistics of the codebooks (per level, per code), k-means input."""
 
-  counts: jax.Array  # [L, K] EMA of assignments per batch
+  counts: jax.Array  # [L, K] EMA of assignments per step
   sums: jax.Array  # [L, K, D] EMA of assigned residual sums
+  since_restart: jax.Array  # [L, K] int32: steps since set or restarted
+  buffer: jax.Array  # [R, D] newest warm-up embeddings, for k-means
   initialized: jax.Array  # [] bool: codebooks were set from data
 
   @classmethod
@@ -296,43 +323,96 @@ class CodebookState(flax.struct.PyTreeNode):
     return cls(
       counts=jnp.zeros(lk, jnp.float32),
       sums=jnp.zeros((*lk, config.dim), jnp.float32),
+      since_restart=jnp.zeros(lk, jnp.int32),
+      buffer=jnp.zeros((config.kmeans_buffer, config.dim), jnp.float32),
       initialized=jnp.zeros((), bool),
     )
+
+
+def remember(state: CodebookState, z: jax.Array, step: jax.Array):
+  """Writes the rows of z [B, N, D] into the ring buffer at warm-up `step`.
+
+  Step t's rows go to positions t·rows, t·rows + 1, ... (mod the buffer
+  size), so the buffer holds the newest embeddings.
+  """
+  rows = z.reshape(-1, z.shape[-1]).astype(jnp.float32)
+  size = state.buffer.shape[0]
+  keep = min(rows.shape[0], size)
+  start = step * rows.shape[0] + rows.shape[0] - keep
+  index = (start + jnp.arange(keep)) % size
+  return state.replace(buffer=state.buffer.at[index].set(rows[-keep:]))
 
 
 def ema_update(
   state: CodebookState,
   out: QuantizerOutput,
+  rng: jax.Array,
   config: QuantizerConfig,
 ) -> tuple[jax.Array, CodebookState, jax.Array]:
-  """EMA codebook step plus dead-code restart; returns restarts per level."""
+  """EMA codebook step plus dead-code restarts.
+
+  Returns (codebooks, state, restarts per level). See `QuantizerConfig`
+  for the dead-code rule; the dead codes that restart (at most M per
+  level, M = `config.restarts_per_step(rows)`) are a random choice among
+  them, and each takes its own candidate row (`out.candidates` [L, M, D])
+  plus jitter. A restarted code starts with the count of a uniformly used
+  code, so it is not dead again at once.
+  """
+  num_levels, k = out.counts.shape
+  rows = jnp.sum(out.counts[0])
+  expected = rows / k
   d = config.ema_decay
   counts = d * state.counts + (1.0 - d) * out.counts
   sums = d * state.sums + (1.0 - d) * out.sums
   total = jnp.sum(counts, axis=-1, keepdims=True)
-  k = counts.shape[-1]
   eps = config.ema_epsilon
   smoothed = (counts + eps) / (total + k * eps) * total
   new = sums / jnp.maximum(smoothed, 1e-12)[..., None]
-  dead = counts < config.dead_code_threshold
-  new = jnp.where(dead[..., None], out.candidates, new)
-  # A restarted code starts with the threshold's worth of evidence.
-  counts = jnp.where(dead, config.dead_code_threshold, counts)
-  sums = jnp.where(dead[..., None], new * counts[..., None], sums)
-  state = CodebookState(counts=counts, sums=sums, initialized=state.initialized)
-  return new, state, jnp.sum(dead, axis=-1).astype(jnp.int32)
+  since = state.since_restart + 1
+
+  slots = out.candidates.shape[1]
+  rng_order, rng_jitter = jax.random.split(rng)
+  dead = (counts < config.dead_code_fraction * expected) & (
+    since >= config.restart_grace_steps
+  )
+  priority = jnp.where(dead, jax.random.uniform(rng_order, dead.shape), 2.0)
+  rank = jnp.argsort(jnp.argsort(priority, axis=-1), axis=-1)
+  restart = dead & (rank < slots)
+  cand = jnp.take_along_axis(
+    out.candidates, jnp.minimum(rank, slots - 1)[..., None], axis=1
+  )
+  rms = jnp.sqrt(jnp.mean(jnp.square(out.candidates), axis=(1, 2)))
+  noise = jax.random.normal(rng_jitter, cand.shape)
+  cand = cand + config.restart_jitter * rms[:, None, None] * noise
+  new = jnp.where(restart[..., None], cand, new)
+  counts = jnp.where(restart, expected, counts)
+  sums = jnp.where(restart[..., None], new * counts[..., None], sums)
+  since = jnp.where(restart, 0, since)
+  state = state.replace(counts=counts, sums=sums, since_restart=since)
+  return new, state, jnp.sum(restart, axis=-1).astype(jnp.int32)
 
 
-def _kmeans_plus_plus(x: jax.Array, k: int, key: jax.Array) -> jax.Array:
-  """k-means++ seeding: each new centre drawn with probability ∝ d²."""
+def active_fraction(
+  state: CodebookState, rows: int, config: QuantizerConfig
+) -> jax.Array:
+  """Per level, the fraction of codes the dead-code rule counts as alive."""
+  expected = rows / config.codebook_size
+  return jnp.mean(state.counts >= config.dead_code_fraction * expected, -1)
+
+
+def _kmeans_plus_plus(
+  x: jax.Array, w: jax.Array, k: int, key: jax.Array
+) -> jax.Array:
+  """k-means++ seeding over rows with weight w > 0: new centres ∝ w·d²."""
   first_key, key = jax.random.split(key)
-  first = x[jax.random.randint(first_key, (), 0, x.shape[0])]
+  logits = jnp.log(jnp.maximum(w, 1e-30))
+  first = x[jax.random.categorical(first_key, logits)]
   centers = jnp.zeros((k, x.shape[-1]), x.dtype).at[0].set(first)
   d2 = jnp.sum(jnp.square(x - first), axis=-1)
 
   def pick(i, carry):
     centers, d2 = carry
-    logits = jnp.log(jnp.maximum(d2, 1e-30))
+    logits = jnp.log(jnp.maximum(w * d2, 1e-30))
     c = x[jax.random.categorical(jax.random.fold_in(key, i), logits)]
     d2 = jnp.minimum(d2, jnp.sum(jnp.square(x - c), axis=-1))
     return centers.at[i].set(c), d2
@@ -342,29 +422,42 @@ def _kmeans_plus_plus(x: jax.Array, k: int, key: jax.Array) -> jax.Array:
 
 
 def kmeans_init(
-  z: jax.Array, rng: jax.Array, config: QuantizerConfig
+  z: jax.Array,
+  rng: jax.Array,
+  config: QuantizerConfig,
+  weights: jax.Array | None = None,
+  rows_per_step: float | None = None,
 ) -> tuple[jax.Array, CodebookState]:
-  """Codebooks from data: k-means++ and Lloyd per level on the residuals."""
+  """Codebooks from data: k-means++ and Lloyd per level on the residuals.
+
+  z [..., D]: the embeddings; `weights` [rows] (1 or 0) leaves rows out;
+  `rows_per_step`: the EMA counts are in assignments per step of that
+  many rows (default: all of z's rows).
+  """
   x = z.reshape(-1, z.shape[-1]).astype(jnp.float32)
+  w = jnp.ones(x.shape[:1]) if weights is None else weights.astype(jnp.float32)
   k = config.codebook_size
   rngs = jax.random.split(rng, config.num_levels)
 
   def level(residual, key):
-    centers = _kmeans_plus_plus(residual, k, key)
+    centers = _kmeans_plus_plus(residual, w, k, key)
 
     def lloyd(_, c):
-      onehot = jax.nn.one_hot(nearest_code(residual, c), k)
+      onehot = jax.nn.one_hot(nearest_code(residual, c), k) * w[:, None]
       cnt = onehot.sum(0)
       s = jnp.einsum('mk,md->kd', onehot, residual, precision='highest')
       return jnp.where(cnt[:, None] > 0, s / jnp.maximum(cnt, 1)[:, None], c)
 
     centers = jax.lax.fori_loop(0, config.kmeans_iters, lloyd, centers)
     code = nearest_code(residual, centers)
-    cnt = jax.nn.one_hot(code, k).sum(0)
+    cnt = (jax.nn.one_hot(code, k) * w[:, None]).sum(0)
     return residual - centers[code], (centers, cnt)
 
   _, (codebooks, counts) = jax.lax.scan(level, x, rngs)
-  state = CodebookState(
+  total = jnp.maximum(jnp.sum(w), 1.0)
+  per_step = total if rows_per_step is None else rows_per_step
+  counts = counts * (per_step / total)
+  state = CodebookState.create(config).replace(
     counts=counts,
     sums=codebooks * counts[..., None],
     initialized=jnp.ones((), bool),
