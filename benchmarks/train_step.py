@@ -4,7 +4,8 @@
         [--steps 3] [--update-docs]
 
 For the tiny model (gin/experiments/quickstart.gin) and the production
-model (gin/experiments/production_debian.gin): compile time, step time,
+model (gin/experiments/production_debian.gin): compile time, step time
+(and the warm-up step's and the gradient-norms program's),
 audio-seconds per second, XLA's FLOP count of the compiled step and the
 achieved fraction of this machine's float32 matmul rate (measured in the
 same run, before and after), XLA's memory estimate and the process's peak
@@ -78,6 +79,25 @@ def measure(config: step_lib.StepConfig, batch: int, seconds: float, steps):
     state, _ = jax.block_until_ready(compiled(state, audio))
     times.append(time.perf_counter() - start)
   best = min(times)
+  # The other programs of a run: reconstruction-only warm-up steps, and
+  # the per-term gradient norms computed at log steps.
+  warmup = jax.jit(
+    functools.partial(step_lib.train_step, config, warmup=True),
+    donate_argnums=0,
+  )
+  state, _ = jax.block_until_ready(warmup(state, audio))
+  warmup_times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    state, _ = jax.block_until_ready(warmup(state, audio))
+    warmup_times.append(time.perf_counter() - start)
+  norms = jax.jit(functools.partial(step_lib.gradient_norms, config))
+  jax.block_until_ready(norms(state, audio))
+  norms_times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(norms(state, audio))
+    norms_times.append(time.perf_counter() - start)
   audio_seconds = batch * (frames - codec.lookahead) / codec.frame_rate
   return {
     'batch': batch,
@@ -88,6 +108,8 @@ def measure(config: step_lib.StepConfig, batch: int, seconds: float, steps):
     'compile_seconds': round(compile_seconds, 2),
     'step_seconds': round(best, 4),
     'median_step_seconds': round(float(np.median(times)), 4),
+    'warmup_step_seconds': round(min(warmup_times), 4),
+    'gradient_norms_seconds': round(min(norms_times), 4),
     'audio_seconds_per_second': round(audio_seconds / best, 4),
     'gflop': round(flops / 1e9, 1),
     'gflop_per_s': round(flops / best / 1e9, 1),
@@ -110,8 +132,9 @@ def measure(config: step_lib.StepConfig, batch: int, seconds: float, steps):
 def markdown(r: dict) -> str:
   rows = [
     '| model | batch × crop | step s | audio s/s | GFLOP | GFLOP/s |'
-    ' of matmul rate | compile s | XLA peak GiB | process RSS GiB |',
-    '|---|---|---|---|---|---|---|---|---|---|',
+    ' of matmul rate | compile s | XLA peak GiB | process RSS GiB |'
+    ' warm-up step s | gradient norms s |',
+    '|---|---|---|---|---|---|---|---|---|---|---|---|',
   ]
   for name in EXPERIMENTS:
     m = r[name]
@@ -121,7 +144,8 @@ def markdown(r: dict) -> str:
       f'{m["gflop"]} | {m["gflop_per_s"]} | '
       f'{100 * m["fraction_of_matmul_rate"]:.0f} % | '
       f'{m["compile_seconds"]} | {m["xla_peak_gib"]} | '
-      f'{m["process_peak_rss_gib"]} |'
+      f'{m["process_peak_rss_gib"]} | {m["warmup_step_seconds"]} | '
+      f'{m["gradient_norms_seconds"]} |'
     )
   return '\n'.join(
     [
@@ -141,7 +165,10 @@ def markdown(r: dict) -> str:
       'Step time is the best of the timed steps after a warm-up; audio s/s '
       'counts the reconstructed seconds (the look-ahead frame is input '
       "only). FLOPs are XLA's cost analysis of the compiled step; XLA peak "
-      'is arguments + outputs + temporaries − donated buffers.',
+      'is arguments + outputs + temporaries − donated buffers. A run '
+      'also runs reconstruction-only warm-up steps first and, every '
+      '`log_every` steps, the per-term gradient norms (g/grad/…) as a '
+      'program of their own: the last two columns.',
       '',
       *report.json_details(r),
     ]

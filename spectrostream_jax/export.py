@@ -6,7 +6,7 @@ reads the CodecConfig from WORKDIR/config.gin and the generator's EMA
 parameters from the newest (or `--step`) checkpoint, and writes
 
     MODEL_DIR/config.json              config, preset, step, model_id
-    MODEL_DIR/encoder.safetensors      official layout (SPEC §9)
+    MODEL_DIR/encoder.safetensors      official layout (docs/export.md)
     MODEL_DIR/soundstream.safetensors
     MODEL_DIR/stablehlo/manifest.json  how to call the artifacts below
     MODEL_DIR/stablehlo/{encode,decode}_<frames>.jaxexport

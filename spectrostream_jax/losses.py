@@ -35,7 +35,8 @@ class LossConfig:
   """Loss weights and spectral settings.
 
   The defaults are the measured recipe of docs/training.md ("The recipe");
-  gin/recipes/soundstream.gin sets SoundStream's (SPEC §7).
+  gin/recipes/soundstream.gin sets SoundStream's (docs/training.md, "The
+  published settings").
   """
 
   adversarial_weight: float = 1.0

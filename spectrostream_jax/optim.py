@@ -1,10 +1,10 @@
 """Optimizers of the generator and the discriminators: Adam, schedule, clip.
 
-One frozen `OptimizerConfig` per network (SPEC §7 defaults: Adam, lr 1e-4,
-β = (0.5, 0.9), constant rate). `make` turns it into an optax
-transformation; parameters whose '/'-joined path matches one of `frozen`
-get no update and no optimizer state (the EMA-learned RVQ codebooks, which
-the train step overwrites with their EMA estimate every step).
+One frozen `OptimizerConfig` per network (the published defaults of
+docs/training.md: Adam, lr 1e-4, β = (0.5, 0.9), constant rate). `make` turns
+it into an optax transformation; parameters whose '/'-joined path matches one
+of `frozen` get no update and no optimizer state (the EMA-learned RVQ
+codebooks, which the train step overwrites with their EMA estimate every step).
 """
 
 from collections.abc import Sequence

@@ -1,4 +1,4 @@
-"""STFT, inverse STFT and mel filters of SpectroStream (SPEC §2).
+"""STFT, inverse STFT and mel filters of SpectroStream (docs/architecture.md).
 
 The analysis is causal at frame level: frame t covers samples
 [hop·t, hop·t + frame) and the signal is zero-padded at the end only, so
@@ -113,7 +113,7 @@ def overlap_add(
 def istft(
   features: jax.Array, frame_length: int = 960, hop_length: int = 480
 ) -> jax.Array:
-  """Features [B, F, frame/2, 2C] -> waveform [B, F·hop, C] (SPEC §2)."""
+  """Features [B, F, frame/2, 2C] -> waveform [B, F·hop, C]."""
   parts = synthesis_frames(features, frame_length, hop_length)
   return overlap_add(parts)[0].astype(features.dtype)
 

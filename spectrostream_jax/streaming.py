@@ -1,4 +1,4 @@
-"""Frame-by-frame encoding and decoding with explicit state (SPEC §8).
+"""Frame-by-frame encoding and decoding with explicit state (docs/streaming.md).
 
 A stream is cut into chunks of whole code frames (1920 samples, 40 ms).
 Every causal conv keeps the input frames its next chunk needs, the iSTFT

@@ -2,7 +2,7 @@
 
 `encoder.safetensors` holds `params/encoder/...`; `soundstream.safetensors`
 holds `params/soundstream/decoder/...` and
-`params/soundstream/quantizer/embedding` (SPEC §9). Keys are Flax paths
+`params/soundstream/quantizer/embedding` (docs/export.md). Keys are Flax paths
 joined with `/`, so our parameter tree is the official one.
 """
 

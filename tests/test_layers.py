@@ -1,4 +1,4 @@
-"""Convolutions and residual units against the SPEC §3 definitions."""
+"""Convolutions and residual units against their definitions."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +9,7 @@ from spectrostream_jax.models import layers
 
 
 def reference_transpose(x, kernel, strides):
-  """SPEC §3 transposed conv: un-flipped kernel, lhs_dilation, fixed pads."""
+  """Transposed conv: un-flipped kernel, lhs_dilation, fixed pads."""
   kt, kf = kernel.shape[:2]
   st, sf = strides
   return jax.lax.conv_general_dilated(

@@ -1,4 +1,4 @@
-"""RVQ inference and training behaviour (SPEC §6)."""
+"""RVQ inference and training behaviour (docs/architecture.md)."""
 
 import dataclasses
 

@@ -1,4 +1,4 @@
-"""STFT / iSTFT / mel filters against direct numpy definitions (SPEC §2)."""
+"""STFT / iSTFT / mel filters against direct numpy definitions."""
 
 import jax
 import numpy as np
@@ -8,7 +8,7 @@ from spectrostream_jax import signal
 
 
 def naive_stft(x, frame=960, hop=480):
-  """Direct transcription of SPEC §2 for one channel [T]."""
+  """Direct transcription of the STFT definition for one channel [T]."""
   n_frames = -(-x.size // hop)
   x = np.concatenate([x, np.zeros(frame - 1)])
   w = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(frame) / frame)

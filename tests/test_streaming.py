@@ -1,4 +1,4 @@
-"""Streaming encode/decode equals the whole-sequence path (SPEC §8)."""
+"""Streaming encode/decode equals the whole-sequence path."""
 
 import dataclasses
 

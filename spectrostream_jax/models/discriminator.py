@@ -1,4 +1,4 @@
-"""Multi-scale STFT discriminators for adversarial training (SPEC §7).
+"""Multi-scale STFT discriminators (docs/architecture.md, "Discriminators").
 
 Each scale looks at a complex STFT of the waveform with its own window:
 real, imaginary and magnitude planes of every audio channel are stacked as
@@ -30,7 +30,7 @@ _ACTIVATIONS = ('leaky_relu', 'elu')
 
 @dataclasses.dataclass(frozen=True)
 class DiscriminatorConfig:
-  """Shape of the multi-scale discriminator. Defaults: SPEC §7."""
+  """Shape of the multi-scale discriminator. Defaults: the published ones."""
 
   num_channels: int = 2
   windows: tuple[int, ...] = (128, 256, 512, 1024, 2048, 4096)
@@ -105,7 +105,8 @@ def _activation(
 class ResidualUnit(nn.Module):
   """act → 3×3 → act → strided conv, plus pooled (projected) shortcut.
 
-  The same shape as the codec's encoder unit (SPEC §3), but centred in time.
+  The same shape as the codec's encoder unit (docs/architecture.md), but
+  centred in time.
   """
 
   features: int

@@ -1,4 +1,4 @@
-"""Causal 2D convolutions and the residual units of SpectroStream (SPEC §3).
+"""Causal 2D convolutions and residual units (docs/architecture.md).
 
 Activations are NHWC with H = time and W = frequency. Time is causal at the
 granularity of the stride ("semicausal"): an output frame never sees input
@@ -8,8 +8,8 @@ beyond the end of its own stride block. Every conv parameter lives at
 With `streaming=True` a layer sees consecutive chunks of one long sequence
 (each a whole number of its time stride, except a final ragged one) and
 keeps the input frames its next chunk needs in the `stream` collection
-(SPEC §8). A zero history is exactly the whole-sequence zero padding, so the
-chunked outputs equal the whole-sequence ones.
+(docs/streaming.md). A zero history is exactly the whole-sequence zero
+padding, so the chunked outputs equal the whole-sequence ones.
 """
 
 import flax.linen as nn
@@ -145,7 +145,7 @@ def _time_fused_kernel(kernel: jax.Array, stride: int) -> tuple[jax.Array, int]:
 
 
 class CausalConvTranspose2D(nn.Module):
-  """Transposed conv, kernel un-flipped (SPEC §3); output [T·st, F·sf].
+  """Transposed conv, kernel un-flipped; output [T·st, F·sf].
 
   Output time frame o depends on input frames <= o // st.
   """

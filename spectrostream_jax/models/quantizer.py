@@ -1,14 +1,14 @@
 """Residual vector quantizer: inference, training losses and EMA codebooks.
 
-Inference follows SPEC §6: level i picks the nearest code of its own codebook
-to the running residual. Training (SoundStream recipe) runs all levels on the
-unmasked residual chain so every level gets its loss every step, while the
-decoder sees only the first n levels per example (biased level dropout) or
-the continuous embedding (bypass). Codebooks learn by EMA of assignments, are
-initialised by k-means (a separate program the trainer runs once) and
-restart dead codes from the current batch. All statistics are global over
-devices and hosts: reductions over global arrays, or per-device partial
-sums reduced once after the level loop.
+Inference (docs/architecture.md, "Quantizer training"): level i picks the
+nearest code of its own codebook to the running residual. Training (SoundStream
+recipe) runs all levels on the unmasked residual chain so every level gets its
+loss every step, while the decoder sees only the first n levels per example
+(biased level dropout) or the continuous embedding (bypass). Codebooks learn by
+EMA of assignments, are initialised by k-means (a separate program the trainer
+runs once) and restart dead codes from the current batch. All statistics are
+global over devices and hosts: reductions over global arrays, or per-device
+partial sums reduced once after the level loop.
 """
 
 import dataclasses
@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 @dataclasses.dataclass(frozen=True)
 class QuantizerConfig:
-  """RVQ shape and training behaviour (SPEC defaults; loss weights: losses)."""
+  """RVQ shape and training behaviour; loss weights are in `losses`."""
 
   num_levels: int = 64
   codebook_size: int = 1024
@@ -48,7 +48,7 @@ class QuantizerConfig:
   kmeans_iters: int = 10
   kmeans_buffer: int = 4096
   bypass_prob: float = 0.5
-  # Levels the decoder may see during training; None derives SPEC's list.
+  # Levels the decoder may see during training; None derives the published list.
   dropout_levels: tuple[int, ...] | None = None
 
   def __post_init__(self):
@@ -71,7 +71,7 @@ class QuantizerConfig:
 
 
 def default_dropout_levels(num_levels: int) -> tuple[int, ...]:
-  """SPEC §6 list, generalised: dense to L/4, step 2 to L/2, step 4 to L.
+  """The published list, generalised: dense to L/4, step 2 to L/2, step 4 to L.
 
   For 64 levels: 1..16, 18..32 step 2, 36..64 step 4 (half of them <= 16).
   """
