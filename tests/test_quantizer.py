@@ -36,7 +36,7 @@ def test_encode_decode_match_brute_force():
   np.testing.assert_allclose(q, cb[0][codes[..., 0]] + cb[1][codes[..., 1]])
 
 
-def test_default_dropout_levels_are_the_spec_list():
+def test_default_dropout_levels_are_the_published_list():
   want = list(range(1, 17)) + list(range(18, 33, 2)) + list(range(36, 65, 4))
   assert list(rvq.default_dropout_levels(64)) == want
 
