@@ -4,10 +4,14 @@
 
 Reads the scalar summaries that `spectrostream-train` logs (TFRecord files
 of `Event` protos, parsed with tensorboardX's own proto classes) and plots
-the chosen tags against the step, one panel per tag.
+the chosen tags against the step, one panel per tag. A tag with glob
+characters is a group drawn in one panel, one line per match: for example
+`'g/share/*'` (what each loss contributes to the gradient) or
+`'vq/usage/L0[0-7]'` (codebook usage of levels 1-8).
 """
 
 import argparse
+import fnmatch
 import glob
 import os
 import struct
@@ -57,33 +61,64 @@ def read_scalars(logdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   return out
 
 
+def panels(scalars: dict, tags) -> list[tuple[str, list[str]]]:
+  """(title, logged tags) per requested tag or glob; unmatched ones dropped."""
+  out = []
+  for tag in tags:
+    if any(c in tag for c in '*?['):
+      matched = sorted(fnmatch.filter(scalars, tag))
+    else:
+      matched = [tag] if tag in scalars else []
+    if matched:
+      out.append((tag, matched))
+  return out
+
+
 def plot(
   scalars: dict, tags, out: str, title: str = '', smooth: int = 1
 ) -> None:
-  """One panel per tag (missing tags skipped); `smooth` = moving average."""
+  """One panel per tag or glob (missing skipped); `smooth`: moving average."""
   import matplotlib
 
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt
 
-  tags = [t for t in tags if t in scalars]
-  if not tags:
+  chosen = panels(scalars, tags)
+  if not chosen:
     raise ValueError('none of the requested tags were logged')
-  cols = min(3, len(tags))
-  rows = -(-len(tags) // cols)
+  cols = min(3, len(chosen))
+  rows = -(-len(chosen) // cols)
   fig, axes = plt.subplots(
     rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False
   )
-  for ax, tag in zip(axes.flat, tags, strict=False):
-    steps, values = scalars[tag]
-    ax.plot(steps, values, alpha=0.35 if smooth > 1 else 1.0, lw=1)
-    if smooth > 1 and len(values) >= smooth:
-      kernel = np.ones(smooth) / smooth
-      ax.plot(steps[smooth - 1 :], np.convolve(values, kernel, 'valid'), lw=2)
-    ax.set_title(tag)
+  for ax, (name, matched) in zip(axes.flat, chosen, strict=False):
+    group = len(matched) > 1
+    prefix = os.path.commonprefix(matched) if group else ''
+    for tag in matched:
+      steps, values = scalars[tag]
+      smoothed = smooth > 1 and len(values) >= smooth
+      raw = ax.plot(
+        steps,
+        values,
+        alpha=0.35 if smoothed else 1.0,
+        lw=1,
+        label=None if smoothed else tag[len(prefix) :] or tag,
+      )
+      if smoothed:
+        kernel = np.ones(smooth) / smooth
+        ax.plot(
+          steps[smooth - 1 :],
+          np.convolve(values, kernel, 'valid'),
+          lw=2,
+          color=raw[0].get_color() if group else None,
+          label=tag[len(prefix) :] or tag,
+        )
+    if group:
+      ax.legend(fontsize=6, ncol=2 if len(matched) > 4 else 1)
+    ax.set_title(name)
     ax.set_xlabel('step')
     ax.grid(alpha=0.3)
-  for ax in axes.flat[len(tags) :]:
+  for ax in axes.flat[len(chosen) :]:
     ax.axis('off')
   if title:
     fig.suptitle(title)
@@ -115,8 +150,8 @@ def main(argv=None) -> int:
   last = {t: float(v[-1]) for t, (_, v) in scalars.items()}
   last_step = max(int(s[-1]) for s, _ in scalars.values())
   print(f'wrote {args.out}; last step {last_step}')
-  for tag in args.tags.split(','):
-    if tag in last:
+  for _, matched in panels(scalars, args.tags.split(',')):
+    for tag in matched:
       print(f'  {tag}: first {scalars[tag][1][0]:.4g}, last {last[tag]:.4g}')
   return 0
 

@@ -31,3 +31,27 @@ def test_read_scalars_and_plot(tmp_path):
   )
   assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   assert curves.main(['--workdir', str(tmp_path / 'none'), '--out', 'x']) == 1
+
+
+def test_a_glob_draws_its_matches_in_one_panel(tmp_path, capsys):
+  logdir = tmp_path / 'tensorboard'
+  writer = SummaryWriter(str(logdir))
+  for step in range(1, 4):
+    for level in range(10):
+      writer.add_scalar(f'vq/usage/L{level:02d}', level / 10 + step, step)
+    writer.add_scalar('g/mel', 1.0, step)
+  writer.close()
+  scalars = curves.read_scalars(str(logdir))
+  chosen = curves.panels(scalars, ['vq/usage/L0[0-7]', 'g/mel', 'd/*'])
+  assert chosen == [
+    ('vq/usage/L0[0-7]', [f'vq/usage/L{i:02d}' for i in range(8)]),
+    ('g/mel', ['g/mel']),
+  ]
+  out = tmp_path / 'c.png'
+  tags = 'vq/usage/L0[0-7],g/mel'
+  argv = ['--workdir', str(tmp_path), '--out', str(out), '--tags', tags]
+  assert curves.main(argv) == 0
+  printed = capsys.readouterr().out
+  assert 'vq/usage/L07: first 1.7, last 3.7' in printed
+  assert 'vq/usage/L08' not in printed
+  assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
