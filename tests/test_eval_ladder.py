@@ -14,30 +14,18 @@ import pytest
 import soundfile as sf
 
 from spectrostream_jax import inference
-from spectrostream_jax import weights
 from spectrostream_jax.evaluation import baselines
 from spectrostream_jax.evaluation import clips
 from spectrostream_jax.evaluation import ladder
 from spectrostream_jax.evaluation import metrics
 from spectrostream_jax.evaluation import report
-from spectrostream_jax.models import codec as codec_lib
 
 SR = 48_000
 
 
 @pytest.fixture(scope='module')
-def model_dir(tmp_path_factory):
-  """A tiny random model written as a model directory."""
-  out = tmp_path_factory.mktemp('tiny_model')
-  config = codec_lib.tiny()
-  paths = weights.save_official(
-    inference.Codec.random(config, seed=0).params, str(out)
-  )
-  encoder, soundstream = sorted(paths)
-  model_id = inference.files_model_id(encoder, soundstream)
-  with open(out / inference.CONFIG_FILE, 'w') as f:
-    json.dump(inference.model_config(config, model_id, None), f)
-  return str(out)
+def model_dir(tiny_model_dir):
+  return tiny_model_dir
 
 
 @pytest.fixture(scope='module')

@@ -1,31 +1,19 @@
 """The spectrogram comparison: what it draws and how it refuses bad input."""
 
-import json
-
 from matplotlib import image as mpimg
 import numpy as np
 import pytest
 import soundfile as sf
 
 from spectrostream_jax import inference
-from spectrostream_jax import weights
 from spectrostream_jax.evaluation import spectrograms
-from spectrostream_jax.models import codec as codec_lib
 
 SR = 48_000
 
 
 @pytest.fixture(scope='module')
-def model_dir(tmp_path_factory):
-  out = tmp_path_factory.mktemp('tiny_model')
-  config = codec_lib.tiny()
-  paths = weights.save_official(
-    inference.Codec.random(config, seed=0).params, str(out)
-  )
-  model_id = inference.files_model_id(*sorted(paths))
-  with open(out / inference.CONFIG_FILE, 'w') as f:
-    json.dump(inference.model_config(config, model_id, None), f)
-  return str(out)
+def model_dir(tiny_model_dir):
+  return tiny_model_dir
 
 
 @pytest.fixture(scope='module')
