@@ -12,11 +12,6 @@ SR = 48_000
 
 
 @pytest.fixture(scope='module')
-def model_dir(tiny_model_dir):
-  return tiny_model_dir
-
-
-@pytest.fixture(scope='module')
 def audio_file(tmp_path_factory):
   """1.5 s at 44.1 kHz: a 1 kHz tone on the left, silence on the right."""
   path = tmp_path_factory.mktemp('audio') / 'tone.wav'
@@ -55,8 +50,8 @@ def test_read_excerpt_resamples_and_bounds(audio_file):
     spectrograms.read_excerpt(audio_file, 2.0, 1.0, SR)
 
 
-def test_rows_are_aligned_and_labelled(model_dir, audio_file):
-  codec = inference.Codec.load(model_dir)
+def test_rows_are_aligned_and_labelled(tiny_model_dir, audio_file):
+  codec = inference.Codec.load(tiny_model_dir)
   ref = spectrograms.read_excerpt(audio_file, 0.0, 1.0, SR)
   out = spectrograms.rows(codec, ref, [0.3, 1.2], [('opus', 8.0)])
   assert [r.label.split()[0] for r in out] == [
@@ -72,12 +67,12 @@ def test_rows_are_aligned_and_labelled(model_dir, audio_file):
   )
 
 
-def test_main_writes_one_row_per_system(model_dir, audio_file, tmp_path):
+def test_main_writes_one_row_per_system(tiny_model_dir, audio_file, tmp_path):
   out = tmp_path / 'fig.png'
   rc = spectrograms.main(
     [
       '--model',
-      model_dir,
+      tiny_model_dir,
       '--audio',
       audio_file,
       '--seconds',
@@ -109,9 +104,9 @@ def test_main_writes_one_row_per_system(model_dir, audio_file, tmp_path):
   ],
 )
 def test_bad_requests_give_one_line(
-  model_dir, audio_file, tmp_path, capsys, extra, rc, message
+  tiny_model_dir, audio_file, tmp_path, capsys, extra, rc, message
 ):
-  argv = ['--model', model_dir, '--audio', audio_file]
+  argv = ['--model', tiny_model_dir, '--audio', audio_file]
   argv += ['--out', str(tmp_path / 'x.png'), *extra]
   if rc == 2:
     with pytest.raises(SystemExit) as e:

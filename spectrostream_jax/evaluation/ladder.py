@@ -427,14 +427,14 @@ def _model_info(codec: Codec, model_dir: str) -> dict[str, Any]:
 # Command line --------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
   """Reports usage errors on one line."""
 
   def error(self, message: str) -> NoReturn:
     self.exit(2, f'{self.prog}: error: {message}\n')
 
 
-def _kbps_list(text: str) -> list[float]:
+def kbps_list(text: str) -> list[float]:
   try:
     values = [float(v) for v in text.split(',') if v.strip()]
   except ValueError:
@@ -460,8 +460,8 @@ def _baseline_list(text: str) -> list[str]:
   return list(dict.fromkeys(names))
 
 
-def _parser() -> _Parser:
-  p = _Parser(
+def _parser() -> OneLineParser:
+  p = OneLineParser(
     prog='spectrostream-eval',
     description='Bitrate ladder of a SpectroStream model against Opus '
     '(docs/evaluation.md).',
@@ -472,7 +472,7 @@ def _parser() -> _Parser:
   )
   p.add_argument(
     '--kbps',
-    type=_kbps_list,
+    type=kbps_list,
     default=[1.0, 2.0, 4.0, 8.0, 12.0, 16.0],
     help='comma-separated bitrates (default 1,2,4,8,12,16)',
   )

@@ -19,7 +19,6 @@ import io
 import math
 import os
 import sys
-from typing import NoReturn
 
 import numpy as np
 import soundfile as sf
@@ -139,13 +138,6 @@ def figure_png(
 # Command line --------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-  """Reports usage errors on one line."""
-
-  def error(self, message: str) -> NoReturn:
-    self.exit(2, f'{self.prog}: error: {message}\n')
-
-
 def _positive(text: str) -> float:
   try:
     value = float(text)
@@ -154,10 +146,6 @@ def _positive(text: str) -> float:
   if not (math.isfinite(value) and value > 0):
     raise argparse.ArgumentTypeError(f'must be a number > 0: {text!r}')
   return value
-
-
-def _kbps_list(text: str) -> list[float]:
-  return [_positive(v) for v in text.split(',') if v.strip()]
 
 
 def _baseline(text: str) -> tuple[str, float]:
@@ -172,8 +160,10 @@ def _baseline(text: str) -> tuple[str, float]:
   return name, _positive(rate)
 
 
-def _parser() -> _Parser:
-  p = _Parser(
+def _parser() -> argparse.ArgumentParser:
+  from spectrostream_jax.evaluation import ladder
+
+  p = ladder.OneLineParser(
     prog='python -m spectrostream_jax.evaluation.spectrograms',
     description='Log-mel spectrograms (mid and side) of an excerpt through '
     'a model and classic codecs (docs/evaluation.md).',
@@ -182,7 +172,7 @@ def _parser() -> _Parser:
   p.add_argument('--audio', required=True, help='an audio file')
   p.add_argument('--start', type=float, default=0.0, help='seconds')
   p.add_argument('--seconds', type=_positive, default=6.0)
-  p.add_argument('--kbps', type=_kbps_list, default=[2.0, 8.0, 16.0])
+  p.add_argument('--kbps', type=ladder.kbps_list, default=[2.0, 8.0, 16.0])
   p.add_argument(
     '--baseline',
     type=_baseline,
@@ -215,7 +205,10 @@ def main(argv: list[str] | None = None) -> int:
       args.audio, args.start, args.seconds, codec.sample_rate
     )
     if reference.shape[0] < WINDOW:
-      raise ValueError(f'the excerpt of {args.audio} is shorter than 43 ms')
+      raise ValueError(
+        f'the excerpt of {args.audio} is shorter than one '
+        f'{WINDOW}-sample window'
+      )
     png = figure_png(
       rows(codec, reference, args.kbps, chosen),
       codec.sample_rate,
