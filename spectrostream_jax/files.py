@@ -1,0 +1,160 @@
+"""Outputs that appear whole or not at all, and one-line error messages.
+
+Everything this package writes for a person to keep (models, corpora,
+datasets, bitstreams, audio, reports, plots) is built under a hidden temp
+name beside its final path and renamed over it once complete, so a crash,
+a full disk or Ctrl-C never leaves a partial file or clobbers an older
+one. Temp files and directories get the usual umask permissions, as a
+plain `open` would give them, not the owner-only ones of `tempfile`.
+"""
+
+from collections.abc import Iterator
+import contextlib
+import os
+import pathlib
+import secrets
+import shutil
+import tempfile
+
+PathLike = str | os.PathLike
+
+
+def first_line(error: BaseException) -> str:
+  """The first line of `error`'s message, or its type when it has none."""
+  lines = str(error).strip().splitlines()
+  return lines[0] if lines else type(error).__name__
+
+
+def temp_name(path: PathLike) -> pathlib.Path:
+  """A fresh hidden name beside `path` that keeps its suffix.
+
+  Writers that pick the format from the extension (soundfile, savefig)
+  then write the right format, and tools that list a directory skip it.
+  """
+  path = pathlib.Path(path)
+  token = f'{os.getpid()}-{secrets.token_hex(4)}'
+  return path.with_name(f'.{path.name}.tmp-{token}{path.suffix}')
+
+
+def fsync_dir(path: PathLike) -> None:
+  """Makes a rename in `path` durable; some platforms refuse to open it."""
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+def _umask() -> int:
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
+@contextlib.contextmanager
+def atomic_path(
+  path: PathLike, *, durable: bool = False
+) -> Iterator[pathlib.Path]:
+  """Yields a temp path to write; renamed onto `path` if the body succeeds.
+
+  On an exception the temp file is removed and `path` is left as it was.
+  `durable` fsyncs the file and its directory, for outputs that must
+  survive a power cut once this returns.
+  """
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = temp_name(path)
+  try:
+    yield tmp
+    if not tmp.is_file():
+      raise FileNotFoundError(f'{path}: nothing was written to {tmp.name}')
+    os.chmod(tmp, 0o666 & ~_umask())
+    if durable:
+      fd = os.open(tmp, os.O_RDONLY)
+      try:
+        os.fsync(fd)
+      finally:
+        os.close(fd)
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
+  if durable:
+    fsync_dir(path.parent)
+
+
+def write_atomic(
+  path: PathLike, data: bytes | str, *, durable: bool = False
+) -> None:
+  """Writes `data` (str as UTF-8) to `path` through a temp file."""
+  if isinstance(data, str):
+    data = data.encode()
+  with atomic_path(path, durable=durable) as tmp, open(tmp, 'xb') as f:
+    f.write(data)
+
+
+def _share(directory: pathlib.Path) -> None:
+  """Gives a built tree the permissions a plain mkdir and open would."""
+  mask = _umask()
+  for root, dirs, names in os.walk(directory):
+    for mode, entries in ((0o777, dirs), (0o666, names)):
+      for entry in entries:
+        entry = os.path.join(root, entry)
+        if not os.path.islink(entry):
+          os.chmod(entry, mode & ~mask)
+
+
+def _swap_in(tmp: pathlib.Path, out: pathlib.Path, overwrite: bool) -> None:
+  """Renames `tmp` to `out`; an older `out` is only removed afterwards.
+
+  A reader sees the old tree or the new one, and `out` is missing only
+  between two renames, never while a tree is being deleted.
+  """
+  if not os.path.lexists(out):
+    os.rename(tmp, out)
+    return
+  if out.is_symlink() or not out.is_dir():
+    raise FileExistsError(f'{out} exists and is not a directory')
+  if not any(out.iterdir()):
+    os.replace(tmp, out)  # An empty directory holds nothing to keep.
+    return
+  if not overwrite:
+    raise FileExistsError(f'{out} exists and is not empty')
+  aside = pathlib.Path(
+    tempfile.mkdtemp(prefix=f'.{out.name}.old-', dir=out.parent)
+  )
+  os.rename(out, aside / out.name)
+  try:
+    os.rename(tmp, out)
+  except BaseException:
+    os.rename(aside / out.name, out)
+    aside.rmdir()
+    raise
+  shutil.rmtree(aside)
+
+
+@contextlib.contextmanager
+def atomic_dir(out: PathLike, *, overwrite: bool) -> Iterator[pathlib.Path]:
+  """Yields a fresh temp directory; it becomes `out` if the body succeeds.
+
+  An existing non-empty `out` raises FileExistsError unless `overwrite`.
+  On an exception the temp directory is removed and `out` is untouched.
+  """
+  out = pathlib.Path(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(
+    tempfile.mkdtemp(prefix=f'.{out.name}.tmp-', dir=out.parent)
+  )
+  try:
+    tmp.chmod(0o777 & ~_umask())
+    yield tmp
+    _share(tmp)
+    _swap_in(tmp, out, overwrite)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
