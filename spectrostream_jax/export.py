@@ -35,6 +35,7 @@ import orbax.checkpoint as ocp
 
 import gin
 from spectrostream_jax import inference
+from spectrostream_jax import model_dir as model_dir_lib
 from spectrostream_jax import step as step_lib
 from spectrostream_jax import train
 from spectrostream_jax import weights
@@ -274,7 +275,7 @@ def export_model(
       for name in (weights.ENCODER_FILE, weights.SOUNDSTREAM_FILE)
     )
     weights.save_official(codec.params, tmp)
-    model_id = inference.files_model_id(enc, snd)
+    model_id = model_dir_lib.files_model_id(enc, snd)
     hlo_dir = os.path.join(tmp, STABLEHLO_DIR)
     os.mkdir(hlo_dir)
     manifest = _manifest(functions, model_id)
@@ -284,8 +285,8 @@ def export_model(
         f.write(exported.serialize())
     _write_json(os.path.join(hlo_dir, MANIFEST_FILE), manifest)
     _write_json(
-      os.path.join(tmp, inference.CONFIG_FILE),
-      inference.model_config(c, model_id, step),
+      os.path.join(tmp, model_dir_lib.CONFIG_FILE),
+      model_dir_lib.model_config(c, model_id, step),
     )
     return model_id
 

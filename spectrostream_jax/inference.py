@@ -16,27 +16,19 @@ its input and raises ValueError with a one-line reason for anything it cannot
 treat correctly, rather than returning garbage.
 """
 
-import dataclasses
 import functools
-import hashlib
-import json
 import math
 import os
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
 
+from spectrostream_jax import checks
+from spectrostream_jax import model_dir as model_dir_lib
+from spectrostream_jax import streaming
 from spectrostream_jax import weights
 from spectrostream_jax.models import codec as codec_lib
-from spectrostream_jax.models import quantizer as rvq
-
-# A model directory: the two official weight files plus this description.
-CONFIG_FILE = 'config.json'
-MODEL_FORMAT = 'spectrostream-model'
-MODEL_FORMAT_VERSION = 1
 
 
 class Codec:
@@ -68,7 +60,9 @@ class Codec:
       encoder_path, soundstream_path, codec_lib.param_shapes(config)
     )
     codec = cls(params, config)
-    codec._model_id = files_model_id(encoder_path, soundstream_path)
+    codec._model_id = model_dir_lib.files_model_id(
+      encoder_path, soundstream_path
+    )
     return codec
 
   @classmethod
@@ -79,24 +73,13 @@ class Codec:
     weight files of the production preset. With it, its model_id must be
     the hash of the files, so stale or swapped weights are caught.
     """
-    if not os.path.isdir(model_dir):
-      raise ValueError(f'no such model directory: {model_dir}')
-    paths = []
-    for name in (weights.ENCODER_FILE, weights.SOUNDSTREAM_FILE):
-      path = os.path.join(model_dir, name)
-      if not os.path.isfile(path):
-        raise ValueError(f'model directory {model_dir} lacks {name}')
-      paths.append(path)
-    config_path = os.path.join(model_dir, CONFIG_FILE)
-    config, model_id = codec_lib.production(), None
-    if os.path.exists(config_path):
-      meta = read_model_config(config_path)
-      config, model_id = meta['config'], meta['model_id']
-    codec = cls.from_safetensors(*paths, config)
+    enc, snd, config, model_id = model_dir_lib.locate(model_dir)
+    codec = cls.from_safetensors(enc, snd, config)
     if model_id is not None and model_id != codec.model_id:
       raise ValueError(
-        f'{config_path} names model {model_id[:12]}... but the weights files '
-        f'hash to {codec.model_id[:12]}...'
+        f'{os.path.join(model_dir, model_dir_lib.CONFIG_FILE)} names model '
+        f'{model_id[:12]}... but the weights files hash to '
+        f'{codec.model_id[:12]}...'
       )
     return codec
 
@@ -110,16 +93,13 @@ class Codec:
 
   @property
   def model_id(self) -> str:
-    """Hex SHA-256 of the two official files (see `files_model_id`).
+    """Hex SHA-256 of the two official files (docs/export.md).
 
     For parameters that did not come from files, the hash of the files
     `weights.save_official` would write for them.
     """
     if self._model_id is None:
-      files = official_file_bytes(self.params)
-      digest = hashlib.sha256(files[weights.ENCODER_FILE])
-      digest.update(files[weights.SOUNDSTREAM_FILE])
-      self._model_id = digest.hexdigest()
+      self._model_id = model_dir_lib.params_model_id(self.params)
     return self._model_id
 
   # Bitrate arithmetic -------------------------------------------------------
@@ -171,27 +151,26 @@ class Codec:
 
   def decode_embeddings(self, emb) -> np.ndarray:
     """Continuous embeddings [B, N, D] -> waveform, without quantisation."""
-    emb = _as_array(emb, 'embeddings')
-    d = self.config.embedding_dim
-    if emb.ndim != 3 or emb.shape[-1] != d or emb.dtype != np.float32:
-      raise ValueError(
-        f'embeddings must be float32 [B, N, {d}], got {emb.dtype} {emb.shape}'
-      )
-    _check_finite(emb, 'embeddings')
+    emb = checks.check_embeddings(emb, self.config.embedding_dim)
     return np.asarray(self._decode_emb(self.params, emb))
 
   # Validation ----------------------------------------------------------------
 
   def _check_wav(self, wav) -> np.ndarray:
-    return check_audio(wav)
+    return checks.check_audio(wav)
 
   def _check_levels(self, levels) -> int:
-    return check_levels(levels, self.num_levels)
+    return checks.check_levels(levels, self.num_levels)
 
   def _check_codes(self, codes) -> np.ndarray:
-    return check_codes(codes, self.config.quantizer)
+    return checks.check_codes(codes, self.config.quantizer)
 
   # Jitted functions (one compile per input shape) --------------------------
+
+  @functools.cached_property
+  def streaming_weights(self) -> dict:
+    """`streaming.prepare_weights` of this codec, shared by its streams."""
+    return streaming.prepare_weights(self.config, self.params)
 
   @functools.cached_property
   def _embed(self):
@@ -217,198 +196,3 @@ class Codec:
     return jax.jit(
       lambda p, e: m.apply({'params': p}, e, method=m.decode_embeddings)
     )
-
-
-# Model directories --------------------------------------------------------
-
-
-def files_model_id(encoder_path: str, soundstream_path: str) -> str:
-  """Hex SHA-256 of encoder.safetensors' bytes then soundstream's bytes."""
-  digest = hashlib.sha256()
-  for path in (encoder_path, soundstream_path):
-    with open(path, 'rb') as f:
-      while chunk := f.read(1 << 24):
-        digest.update(chunk)
-  return digest.hexdigest()
-
-
-def official_file_bytes(params) -> dict[str, bytes]:
-  """{file name: bytes} exactly as `weights.save_official` writes them."""
-  per_file: dict[str, dict[str, np.ndarray]] = {}
-  for model_path, value in weights.flatten(params).items():
-    name, key = weights.official_key(model_path)
-    per_file.setdefault(name, {})[key] = np.ascontiguousarray(value)
-  return {
-    name: safetensors.numpy.save(tensors, metadata={'format': 'flax'})
-    for name, tensors in per_file.items()
-  }
-
-
-def config_to_dict(config: codec_lib.CodecConfig) -> dict[str, Any]:
-  """The full config, quantizer included, as JSON-ready nested values."""
-  return json.loads(json.dumps(dataclasses.asdict(config)))
-
-
-def config_from_dict(values: Any) -> codec_lib.CodecConfig:
-  """Inverse of `config_to_dict`; fields it lacks keep their defaults."""
-  return _dataclass_from_json(codec_lib.CodecConfig, values, 'codec_config')
-
-
-def _dataclass_from_json(cls, values: Any, where: str):
-  if not isinstance(values, dict):
-    raise ValueError(f'{where} must be a JSON object')
-  defaults = cls()
-  names = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(values) - names)
-  if unknown:
-    raise ValueError(f'{where} has unknown fields {unknown}')
-  kwargs = {}
-  for name, value in values.items():
-    default = getattr(defaults, name)
-    if dataclasses.is_dataclass(default):
-      kwargs[name] = _dataclass_from_json(
-        type(default), value, f'{where}.{name}'
-      )
-    else:
-      kwargs[name] = _field_from_json(value, default, f'{where}.{name}')
-  try:
-    return cls(**kwargs)
-  except (TypeError, ValueError) as e:
-    raise ValueError(f'{where} is not a valid config: {e}') from e
-
-
-def _field_from_json(value: Any, default: Any, where: str) -> Any:
-  """JSON lists back to (nested) int tuples; type-checked by the default."""
-  if isinstance(value, list):
-    value = _int_tuple(value, where)
-  # A None default (e.g. dropout_levels) stands for an optional tuple.
-  kind = tuple if default is None else type(default)
-  if value is None and default is None:
-    return value
-  if kind is float and type(value) is int:
-    return float(value)
-  if type(value) is not kind:
-    raise ValueError(
-      f'{where} must be {kind.__name__}, got {type(value).__name__}'
-    )
-  return value
-
-
-def _int_tuple(value: list, where: str) -> tuple:
-  out = []
-  for v in value:
-    if isinstance(v, list):
-      out.append(_int_tuple(v, where))
-    elif type(v) is int:
-      out.append(v)
-    else:
-      raise ValueError(f'{where} must hold integers, got {v!r}')
-  return tuple(out)
-
-
-def read_model_config(path: str) -> dict[str, Any]:
-  """config.json -> its fields, with 'config' the rebuilt CodecConfig."""
-  try:
-    with open(path) as f:
-      meta = json.load(f)
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ValueError(f'{path} is not readable JSON: {e}') from e
-  if not isinstance(meta, dict) or meta.get('format') != MODEL_FORMAT:
-    raise ValueError(f'{path} is not a {MODEL_FORMAT} config')
-  version = meta.get('format_version')
-  if version != MODEL_FORMAT_VERSION:
-    raise ValueError(
-      f'{path} has format_version {version!r}; this library reads '
-      f'{MODEL_FORMAT_VERSION}'
-    )
-  model_id = meta.get('model_id')
-  if not (isinstance(model_id, str) and len(model_id) == 64):
-    raise ValueError(f'{path}: model_id must be a hex SHA-256')
-  try:
-    config = config_from_dict(meta.get('codec_config'))
-  except ValueError as e:
-    raise ValueError(f'{path}: {e}') from e
-  return {**meta, 'config': config}
-
-
-def model_config(
-  config: codec_lib.CodecConfig, model_id: str, step: int | None
-) -> dict[str, Any]:
-  """The contents of config.json for a model with these weights."""
-  preset = next(
-    (name for name, make in codec_lib.PRESETS.items() if make() == config),
-    None,
-  )
-  return {
-    'format': MODEL_FORMAT,
-    'format_version': MODEL_FORMAT_VERSION,
-    'preset': preset,
-    'model_id': model_id,
-    'step': step,
-    'sample_rate': config.sample_rate,
-    'num_channels': config.num_channels,
-    'samples_per_frame': config.samples_per_frame,
-    'frame_rate': config.frame_rate,
-    'num_levels': config.quantizer.num_levels,
-    'codebook_size': config.quantizer.codebook_size,
-    'kbps_per_level': config.kbps_per_level,
-    'lookahead': config.lookahead,
-    'codec_config': config_to_dict(config),
-  }
-
-
-def check_audio(wav, allow_empty: bool = False) -> np.ndarray:
-  """float32 [B, T, 1 or 2], finite; ValueError with the reason otherwise."""
-  wav = _as_array(wav, 'wav')
-  if wav.ndim != 3:
-    raise ValueError(f'wav must be [batch, samples, channels], got {wav.shape}')
-  if wav.dtype != np.float32:
-    raise ValueError(f'wav must be float32, got {wav.dtype}')
-  if wav.shape[-1] not in (1, 2):
-    raise ValueError(f'wav must have 1 or 2 channels, got {wav.shape[-1]}')
-  if not allow_empty and (wav.shape[0] == 0 or wav.shape[1] == 0):
-    raise ValueError(f'wav is empty: shape {wav.shape}')
-  _check_finite(wav, 'wav')
-  return wav
-
-
-def check_levels(levels, num_levels: int) -> int:
-  if not isinstance(levels, (int, np.integer)) or not (
-    1 <= levels <= num_levels
-  ):
-    raise ValueError(f'num_levels must be an int in 1..{num_levels}')
-  return int(levels)
-
-
-def check_codes(
-  codes, quantizer: rvq.QuantizerConfig, allow_empty: bool = False
-) -> np.ndarray:
-  """int [B, N, levels] codes in range, as int32; ValueError otherwise."""
-  codes = _as_array(codes, 'codes')
-  if codes.ndim != 3:
-    raise ValueError(
-      f'codes must be [batch, frames, levels], got {codes.shape}'
-    )
-  if not np.issubdtype(codes.dtype, np.integer):
-    raise ValueError(f'codes must be integers, got {codes.dtype}')
-  if 0 in codes.shape and not (allow_empty and codes.shape[2]):
-    raise ValueError(f'codes are empty: shape {codes.shape}')
-  check_levels(codes.shape[-1], quantizer.num_levels)
-  k = quantizer.codebook_size
-  if codes.size and (codes.min() < 0 or codes.max() >= k):
-    raise ValueError(
-      f'codes must lie in [0, {k}), got [{codes.min()}, {codes.max()}]'
-    )
-  return codes.astype(np.int32)
-
-
-def _as_array(x, what: str) -> np.ndarray:
-  try:
-    return np.asarray(x)
-  except Exception as e:
-    raise ValueError(f'{what} is not an array: {e}') from e
-
-
-def _check_finite(x: np.ndarray, what: str) -> None:
-  if not np.all(np.isfinite(x)):
-    raise ValueError(f'{what} contains NaN or Inf')

@@ -18,13 +18,12 @@ samples on the host and keep the state on the device: `StreamingEncoder`,
 import functools
 import math
 from typing import Any
-import weakref
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spectrostream_jax import inference
+from spectrostream_jax import checks
 from spectrostream_jax import signal
 from spectrostream_jax.models import codec as codec_lib
 from spectrostream_jax.models import quantizer as rvq
@@ -196,17 +195,6 @@ def decode_step(
   return new_state, wav
 
 
-# Prepared weights per `Codec`, shared by all its streams, freed with it.
-_PREPARED = weakref.WeakKeyDictionary()
-
-
-def _codec_parts(codec) -> tuple[codec_lib.CodecConfig, dict]:
-  """(config, prepared weights) of a `Codec`, prepared once per codec."""
-  if codec not in _PREPARED:
-    _PREPARED[codec] = prepare_weights(codec.config, codec.params)
-  return codec.config, _PREPARED[codec]
-
-
 class StreamingEncoder:
   """Audio pushed in any chunks -> codes (or embeddings) as frames complete.
 
@@ -226,9 +214,9 @@ class StreamingEncoder:
     frames_per_step: int = 1,
     batch_size: int = 1,
   ):
-    self.config, self._weights = _codec_parts(codec)
+    self.config, self._weights = codec.config, codec.streaming_weights
     q = self.config.quantizer
-    levels = inference.check_levels(
+    levels = checks.check_levels(
       q.num_levels if num_levels is None else num_levels, q.num_levels
     )
     if frames_per_step < 1:
@@ -312,7 +300,7 @@ class StreamingEncoder:
     return np.zeros((self.batch_size, 0, width), dtype)
 
   def _check(self, wav) -> np.ndarray:
-    wav = inference.check_audio(wav, allow_empty=True)
+    wav = checks.check_audio(wav, allow_empty=True)
     if wav.shape[0] != self.batch_size:
       raise ValueError(f'this stream has batch size {self.batch_size}')
     if self._buffer is not None and wav.shape[-1] != self._buffer.shape[-1]:
@@ -333,7 +321,7 @@ class StreamingDecoder:
   """
 
   def __init__(self, codec, *, frames_per_step: int = 1, batch_size: int = 1):
-    self.config, self._weights = _codec_parts(codec)
+    self.config, self._weights = codec.config, codec.streaming_weights
     if frames_per_step < 1:
       raise ValueError(f'frames_per_step must be >= 1, got {frames_per_step}')
     self.frames_per_step = frames_per_step
@@ -366,13 +354,10 @@ class StreamingDecoder:
 
   def push_embeddings(self, emb) -> np.ndarray:
     """Continuous embeddings [B, n, D], bypassing the quantiser."""
-    emb = np.asarray(emb)
-    d = self.config.embedding_dim
-    if emb.ndim != 3 or emb.shape[0] != self.batch_size or emb.shape[2] != d:
-      raise ValueError(f'embeddings must be [{self.batch_size}, n, {d}]')
-    if not np.all(np.isfinite(emb)):
-      raise ValueError('embeddings contain NaN or Inf')
-    return self._push(emb.astype(np.float32))
+    emb = checks.check_embeddings(
+      emb, self.config.embedding_dim, self.batch_size, allow_empty=True
+    )
+    return self._push(emb)
 
   def flush(self) -> np.ndarray:
     """Decodes the frames still held back; resets for a new stream."""
@@ -408,9 +393,7 @@ class StreamingDecoder:
     return np.zeros((self.batch_size, 0, self.config.num_channels), np.float32)
 
   def _check_codes(self, codes) -> np.ndarray:
-    codes = inference.check_codes(
-      codes, self.config.quantizer, allow_empty=True
-    )
+    codes = checks.check_codes(codes, self.config.quantizer, allow_empty=True)
     if codes.shape[0] != self.batch_size:
       raise ValueError(f'this stream has batch size {self.batch_size}')
     return codes

@@ -20,10 +20,12 @@ one-line ValueError, never a silently wrong sequence.
 """
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from spectrostream_jax import inference
+if TYPE_CHECKING:
+  from spectrostream_jax import inference
 
 PATTERNS = ('interleave', 'delay')
 
@@ -184,7 +186,7 @@ def pattern_mask(mask, pattern: str, num_levels: int) -> np.ndarray:
 
 
 def encode_batch(
-  codec: inference.Codec,
+  codec: 'inference.Codec',
   clips: Sequence,
   num_levels: int | None = None,
   num_frames: int | None = None,

@@ -14,8 +14,12 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from spectrostream_jax import files
+
 ENCODER_FILE = 'encoder.safetensors'
 SOUNDSTREAM_FILE = 'soundstream.safetensors'
+# safetensors header metadata of the official files.
+METADATA = {'format': 'flax'}
 
 
 def flat_paths(tree: Mapping) -> dict:
@@ -98,18 +102,31 @@ def load_official(
   return unflatten(flat)
 
 
-def save_official(params: Mapping, out_dir: str) -> list[str]:
-  """Writes the two official files atomically; returns their paths."""
-  os.makedirs(out_dir, exist_ok=True)
-  per_file: dict[str, dict[str, np.ndarray]] = {}
+def official_tensors(params: Mapping) -> dict[str, dict[str, np.ndarray]]:
+  """{file name: {official key: array}}, encoder file first."""
+  per_file = {ENCODER_FILE: {}, SOUNDSTREAM_FILE: {}}
   for model_path, value in flatten(params).items():
     fname, key = official_key(model_path)
-    per_file.setdefault(fname, {})[key] = np.ascontiguousarray(value)
+    per_file[fname][key] = np.ascontiguousarray(value)
+  return per_file
+
+
+def official_bytes(params: Mapping) -> dict[str, bytes]:
+  """{file name: bytes}: the files exactly as `save_official` writes them.
+
+  The model id hashes these bytes, so both go through this one function.
+  """
+  return {
+    fname: safetensors.numpy.save(tensors, metadata=METADATA)
+    for fname, tensors in official_tensors(params).items()
+  }
+
+
+def save_official(params: Mapping, out_dir: str) -> list[str]:
+  """Writes the two official files atomically; [encoder, soundstream]."""
   written = []
-  for fname, tensors in per_file.items():
+  for fname, data in official_bytes(params).items():
     path = os.path.join(out_dir, fname)
-    tmp = f'{path}.tmp-{os.getpid()}'
-    safetensors.numpy.save_file(tensors, tmp, metadata={'format': 'flax'})
-    os.replace(tmp, path)
+    files.write_atomic(path, data)
     written.append(path)
   return written

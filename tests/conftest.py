@@ -49,18 +49,13 @@ def parity_weights(shared_dir, tmp_path_factory) -> pathlib.Path:
 @pytest.fixture(scope='session')
 def tiny_model_dir(tmp_path_factory) -> str:
   """A tiny random stereo model (seed 0) written as a model directory."""
-  import json
-
   from spectrostream_jax import inference
-  from spectrostream_jax import weights
+  from spectrostream_jax import model_dir
   from spectrostream_jax.models import codec as codec_lib
 
   out = tmp_path_factory.mktemp('tiny_model')
   config = codec_lib.tiny()
-  paths = weights.save_official(
-    inference.Codec.random(config, seed=0).params, str(out)
+  model_dir.write(
+    str(out), inference.Codec.random(config, seed=0).params, config
   )
-  model_id = inference.files_model_id(*sorted(paths))
-  with open(out / inference.CONFIG_FILE, 'w') as f:
-    json.dump(inference.model_config(config, model_id, None), f)
   return str(out)

@@ -21,7 +21,7 @@ import pytest
 
 from spectrostream_jax import Codec
 from spectrostream_jax import export
-from spectrostream_jax import inference
+from spectrostream_jax import model_dir as model_dir_lib
 from spectrostream_jax import weights
 from spectrostream_jax.models import codec as codec_lib
 
@@ -84,12 +84,14 @@ def test_layout_and_config(codec, model_dir):
   assert meta['preset'] == 'tiny' and meta['step'] == 7
   assert (meta['num_levels'], meta['codebook_size']) == (8, 64)
   assert meta['sample_rate'] == 48_000
-  assert inference.config_from_dict(meta['codec_config']) == codec.config
+  assert model_dir_lib.config_from_dict(meta['codec_config']) == codec.config
   # Not a preset: still rebuilt exactly, and named null.
   config = codec_lib.CodecConfig(lookahead=2, split_block=-1)
-  as_json = json.loads(json.dumps(inference.model_config(config, digest, 1)))
+  as_json = json.loads(
+    json.dumps(model_dir_lib.model_config(config, digest, 1))
+  )
   assert as_json['preset'] is None
-  assert inference.config_from_dict(as_json['codec_config']) == config
+  assert model_dir_lib.config_from_dict(as_json['codec_config']) == config
 
 
 def test_load_round_trip_is_bitwise(codec, model_dir):
@@ -220,11 +222,10 @@ def test_unreadable_gin_config(tmp_path):
 
 def write_model_dir(codec, path, meta=None):
   """The two official files plus config.json (or `meta` instead of it)."""
-  enc, snd = sorted(weights.save_official(codec.params, str(path)))
   if meta is None:
-    meta = inference.model_config(
-      codec.config, inference.files_model_id(enc, snd), step=None
-    )
+    model_dir_lib.write(str(path), codec.params, codec.config)
+    return path
+  weights.save_official(codec.params, str(path))
   (path / 'config.json').write_text(
     meta if isinstance(meta, str) else json.dumps(meta)
   )
@@ -240,10 +241,10 @@ def test_model_dir_without_stablehlo_loads(codec, tmp_path):
 @pytest.mark.parametrize('preset', sorted(codec_lib.PRESETS))
 def test_config_json_round_trip(preset):
   config = codec_lib.get_config(preset)
-  values = json.loads(json.dumps(inference.config_to_dict(config)))
-  assert inference.config_from_dict(values) == config
+  values = json.loads(json.dumps(model_dir_lib.config_to_dict(config)))
+  assert model_dir_lib.config_from_dict(values) == config
   values['quantizer']['dropout_levels'] = [1, 2, 4]
-  assert inference.config_from_dict(values).quantizer.dropout_levels == (
+  assert model_dir_lib.config_from_dict(values).quantizer.dropout_levels == (
     1,
     2,
     4,
@@ -263,7 +264,7 @@ def production_dir(tmp_path_factory):
 def test_official_files_alone_are_production(production_dir):
   loaded = Codec.load(str(production_dir))
   assert loaded.config == codec_lib.production()
-  assert loaded.model_id == inference.files_model_id(
+  assert loaded.model_id == model_dir_lib.files_model_id(
     str(production_dir / 'encoder.safetensors'),
     str(production_dir / 'soundstream.safetensors'),
   )
@@ -272,7 +273,7 @@ def test_official_files_alone_are_production(production_dir):
 def test_tiny_config_with_production_weights(codec, production_dir, tmp_path):
   for name in ('encoder.safetensors', 'soundstream.safetensors'):
     (tmp_path / name).symlink_to(production_dir / name)
-  meta = inference.model_config(
+  meta = model_dir_lib.model_config(
     codec.config, Codec.load(str(production_dir)).model_id, step=None
   )
   (tmp_path / 'config.json').write_text(json.dumps(meta))
@@ -311,8 +312,8 @@ def edit(meta, **changes):
 )
 def test_bad_config_json(codec, tmp_path, change, match):
   enc, snd = sorted(weights.save_official(codec.params, str(tmp_path)))
-  meta = inference.model_config(
-    codec.config, inference.files_model_id(enc, snd), step=3
+  meta = model_dir_lib.model_config(
+    codec.config, model_dir_lib.files_model_id(enc, snd), step=3
   )
   if isinstance(change, dict):
     change = edit(meta, **change)

@@ -145,6 +145,18 @@ def test_bad_input_is_a_value_error(tiny):
     dec.push(np.full((1, 2, 3), 64))
   with pytest.raises(ValueError, match='integers'):
     dec.push(np.zeros((1, 2, 3), np.float32))
+  with pytest.raises(ValueError, match=r'float32 \[1, N, 16\]'):
+    dec.push_embeddings(np.zeros((2, 2, 16), np.float32))
+
+
+def test_streams_share_the_codecs_prepared_weights(tiny):
+  """Prepared once per codec (the CLI opens a stream per file), not per
+  stream, and owned by the codec: a new codec gets its own."""
+  enc = streaming.StreamingEncoder(tiny)
+  dec = streaming.StreamingDecoder(tiny, frames_per_step=2)
+  assert enc._weights is dec._weights is tiny.streaming_weights
+  other = Codec(tiny.params, tiny.config)
+  assert other.streaming_weights is not tiny.streaming_weights
 
 
 def test_matches_official_step_mode(parity_weights, shared_dir):
