@@ -26,14 +26,14 @@ def first_line(error: BaseException) -> str:
 
 
 def temp_name(path: PathLike) -> pathlib.Path:
-  """A fresh hidden name beside `path` that keeps its suffix.
+  """A fresh hidden name beside `path` with the same extension, or none.
 
   Writers that pick the format from the extension (soundfile, savefig)
   then write the right format, and tools that list a directory skip it.
   """
   path = pathlib.Path(path)
   token = f'{os.getpid()}-{secrets.token_hex(4)}'
-  return path.with_name(f'.{path.name}.tmp-{token}{path.suffix}')
+  return path.with_name(f'.{path.name}-tmp-{token}{path.suffix}')
 
 
 def fsync_dir(path: PathLike) -> None:
@@ -126,7 +126,7 @@ def _swap_in(tmp: pathlib.Path, out: pathlib.Path, overwrite: bool) -> None:
   if not overwrite:
     raise FileExistsError(f'{out} exists and is not empty')
   aside = pathlib.Path(
-    tempfile.mkdtemp(prefix=f'.{out.name}.old-', dir=out.parent)
+    tempfile.mkdtemp(prefix=f'.{out.name}-old-', dir=out.parent)
   )
   os.rename(out, aside / out.name)
   try:
@@ -148,7 +148,7 @@ def atomic_dir(out: PathLike, *, overwrite: bool) -> Iterator[pathlib.Path]:
   out = pathlib.Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(
-    tempfile.mkdtemp(prefix=f'.{out.name}.tmp-', dir=out.parent)
+    tempfile.mkdtemp(prefix=f'.{out.name}-tmp-', dir=out.parent)
   )
   try:
     tmp.chmod(0o777 & ~_umask())

@@ -90,6 +90,15 @@ def test_temp_names_differ(tmp_path):
   assert len(names) == 20
 
 
+@pytest.mark.parametrize(
+  'name,extension', [('a.wav', '.wav'), ('a.tar.gz', '.gz'), ('plot', '')]
+)
+def test_temp_name_extension(tmp_path, name, extension):
+  tmp = files.temp_name(tmp_path / name)
+  assert tmp.parent == tmp_path and tmp.name.startswith(f'.{name}-tmp-')
+  assert os.path.splitext(tmp)[1] == tmp.suffix == extension
+
+
 def test_atomic_dir_new(tmp_path, umask):
   out = tmp_path / 'corpus'
   with files.atomic_dir(out, overwrite=False) as tmp:
