@@ -31,6 +31,23 @@ TERMS = ('mel', 'phase', 'wav', 'feat', 'adv')
 
 
 @dataclasses.dataclass(frozen=True)
+class MelConfig:
+  """The mel spectrograms of the mel losses and of `mel_distance`.
+
+  One object rather than loose arguments with defaults, so that the loss,
+  the eval during training and the eval metrics cannot silently differ.
+  """
+
+  sample_rate: int = 48_000
+  windows: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)
+  # hop = window // hops_per_window.
+  hops_per_window: int = 4
+  num_mels: int = 64
+  # Floor before the log; with the log loss's amplitude scale, −100 dB.
+  log_eps: float = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
 class LossConfig:
   """Loss weights and spectral settings.
 
@@ -62,12 +79,8 @@ class LossConfig:
   codebook_weight: float = 0.0
   # Feature matching as L1 relative to mean |f_real| per layer (else plain).
   normalize_features: bool = True
-  sample_rate: int = 48_000
-  mel_windows: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)
-  # hop = window // mel_hops_per_window.
-  mel_hops_per_window: int = 4
-  num_mels: int = 64
-  log_eps: float = 1e-5
+  # The mel term's spectrograms; `step.evaluate` measures with them too.
+  mel: MelConfig = MelConfig()
   # Samples at the start of a reconstruction that no loss and no
   # discriminator sees: the first STFT hop is covered by one analysis
   # frame only and cannot be reconstructed (docs/architecture.md).
@@ -184,11 +197,7 @@ def _mel_pair(
 def multiscale_mel_loss(
   wav: jax.Array,
   reconstruction: jax.Array,
-  sample_rate: int = 48_000,
-  windows: Sequence[int] = (64, 128, 256, 512, 1024, 2048),
-  hops_per_window: int = 4,
-  num_mels: int = 64,
-  log_eps: float = 1e-5,
+  mel: MelConfig = MelConfig(),
 ) -> jax.Array:
   """SoundStream's reconstruction loss, summed over the window sizes w.
 
@@ -201,20 +210,21 @@ def multiscale_mel_loss(
 
   where mean_t runs over batch, audio channels and frames (SoundStream sums
   over frames; the mean keeps the loss independent of the crop length).
-  Both signals must have the same shape [B, T, C] with T > max(windows) / 2.
+  Both signals must have the same shape [B, T, C] with
+  T > max(mel.windows) / 2.
   """
   total = 0.0
-  for window in windows:
+  for window in mel.windows:
     s, s_hat = _mel_pair(
       wav,
       reconstruction,
-      sample_rate,
+      mel.sample_rate,
       window,
-      window // hops_per_window,
-      num_mels,
+      window // mel.hops_per_window,
+      mel.num_mels,
     )
     linear = jnp.mean(jnp.sum(jnp.abs(s - s_hat), axis=-1))
-    log_diff = jnp.log(s + log_eps) - jnp.log(s_hat + log_eps)
+    log_diff = jnp.log(s + mel.log_eps) - jnp.log(s_hat + mel.log_eps)
     log = jnp.mean(_safe_sqrt(jnp.sum(jnp.square(log_diff), axis=-1)))
     total = total + linear + math.sqrt(window / 2) * log
   return total
@@ -236,11 +246,7 @@ def _amplitude_filterbank(num_mels: int, window: int, sample_rate: int):
 def log_mel_loss(
   wav: jax.Array,
   reconstruction: jax.Array,
-  sample_rate: int = 48_000,
-  windows: Sequence[int] = (64, 128, 256, 512, 1024, 2048),
-  hops_per_window: int = 4,
-  num_mels: int = 64,
-  log_eps: float = 1e-5,
+  mel: MelConfig = MelConfig(),
 ) -> jax.Array:
   """Mean |log10(S + eps) − log10(Ŝ + eps)| over bins, frames and scales.
 
@@ -253,12 +259,14 @@ def log_mel_loss(
     [wav.astype(jnp.float32), reconstruction.astype(jnp.float32)], axis=-1
   )
   per_scale = []
-  for window in windows:
-    fb, scale = _amplitude_filterbank(num_mels, window, sample_rate)
-    mag = signal.magnitude_spectrogram(both, window, window // hops_per_window)
-    mel = (mag * scale) @ jnp.asarray(fb)
-    s, s_hat = jnp.split(mel, 2, axis=1)
-    diff = jnp.log10(s + log_eps) - jnp.log10(s_hat + log_eps)
+  for window in mel.windows:
+    fb, scale = _amplitude_filterbank(mel.num_mels, window, mel.sample_rate)
+    mag = signal.magnitude_spectrogram(
+      both, window, window // mel.hops_per_window
+    )
+    spec = (mag * scale) @ jnp.asarray(fb)
+    s, s_hat = jnp.split(spec, 2, axis=1)
+    diff = jnp.log10(s + mel.log_eps) - jnp.log10(s_hat + mel.log_eps)
     per_scale.append(jnp.mean(jnp.abs(diff)))
   return jnp.mean(jnp.stack(per_scale))
 
@@ -343,25 +351,9 @@ def reconstruction_losses(
   """The terms that compare x̂ with x directly (unweighted): mel, and the
   STFT and waveform terms when their weight is not 0."""
   if config.mel_form == 'log':
-    mel = log_mel_loss(
-      ref,
-      rec,
-      config.sample_rate,
-      config.mel_windows,
-      config.mel_hops_per_window,
-      config.num_mels,
-      config.log_eps,
-    )
+    mel = log_mel_loss(ref, rec, config.mel)
   else:
-    mel = multiscale_mel_loss(
-      ref,
-      rec,
-      config.sample_rate,
-      config.mel_windows,
-      config.mel_hops_per_window,
-      config.num_mels,
-      config.log_eps,
-    )
+    mel = multiscale_mel_loss(ref, rec, config.mel)
   terms = {'mel': mel}
   if config.phase_weight:
     terms['phase'] = phase_loss(
@@ -478,11 +470,7 @@ def si_sdr(
 def mel_distance(
   reference: jax.Array,
   estimate: jax.Array,
-  sample_rate: int = 48_000,
-  windows: Sequence[int] = (64, 128, 256, 512, 1024, 2048),
-  hops_per_window: int = 4,
-  num_mels: int = 64,
-  log_eps: float = 1e-5,
+  mel: MelConfig = MelConfig(),
 ) -> jax.Array:
   """Mean |log10(S + eps) − log10(Ŝ + eps)| over scales and bins, per example.
 
@@ -491,17 +479,18 @@ def mel_distance(
   (0.05 ≈ 1 dB).
   """
   per_scale = []
-  for window in windows:
+  for window in mel.windows:
     s, s_hat = _mel_pair(
       reference,
       estimate,
-      sample_rate,
+      mel.sample_rate,
       window,
-      window // hops_per_window,
-      num_mels,
+      window // mel.hops_per_window,
+      mel.num_mels,
     )
-    diff = jnp.abs(jnp.log10(s + log_eps) - jnp.log10(s_hat + log_eps))
+    diff = jnp.abs(jnp.log10(s + mel.log_eps) - jnp.log10(s_hat + mel.log_eps))
     # Small windows leave some mel filters without an FFT bin; skip them.
-    used = signal.mel_filterbank(num_mels, window, sample_rate).any(axis=0)
+    used = signal.mel_filterbank(mel.num_mels, window, mel.sample_rate)
+    used = used.any(axis=0)
     per_scale.append(jnp.mean(diff[..., used], axis=(1, 2, 3)))
   return jnp.mean(jnp.stack(per_scale), axis=0)

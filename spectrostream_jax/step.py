@@ -69,7 +69,7 @@ class StepConfig:
   def __post_init__(self):
     if self.discriminator.num_channels != self.codec.num_channels:
       raise ValueError('codec and discriminator channel counts differ')
-    if self.loss.sample_rate != self.codec.sample_rate:
+    if self.loss.mel.sample_rate != self.codec.sample_rate:
       raise ValueError('loss and codec sample rates differ')
     if self.warmup_steps < 0:
       raise ValueError('warmup_steps must be >= 0')
@@ -538,13 +538,7 @@ def evaluate(
     rec = codec.apply(variables, codes[..., :n], method=codec.decode)
     ref, trimmed = losses.trim(wav, rec, config.loss.skip_samples)
     metrics[f'mel_distance/{n}'] = losses.mel_distance(
-      ref,
-      trimmed,
-      config.loss.sample_rate,
-      config.loss.mel_windows,
-      config.loss.mel_hops_per_window,
-      config.loss.num_mels,
-      config.loss.log_eps,
+      ref, trimmed, config.loss.mel
     )
     metrics[f'si_sdr/{n}'] = losses.si_sdr(ref, trimmed)
     recs.append(rec)

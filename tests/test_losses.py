@@ -8,8 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import gin
 from spectrostream_jax import losses
 from spectrostream_jax import signal
+from spectrostream_jax import train
 from spectrostream_jax.models import discriminator as disc
 from spectrostream_jax.models import quantizer as rvq
 
@@ -92,7 +94,9 @@ def test_feature_matching_values():
 
 def test_mel_loss_matches_numpy_formula():
   wav, rec = noise((2, 1200, 2), seed=1), noise((2, 1200, 2), seed=2)
-  ours = losses.multiscale_mel_loss(wav, rec, SR, windows=(64, 256))
+  ours = losses.multiscale_mel_loss(
+    wav, rec, losses.MelConfig(SR, windows=(64, 256))
+  )
   ref = numpy_mel_loss(wav, rec, (64, 256))
   np.testing.assert_allclose(ours, ref, rtol=1e-4)
 
@@ -117,7 +121,7 @@ def test_log_mel_loss_is_a_mean_log_error_per_bin():
   assert float(losses.log_mel_loss(wav, wav)) == 0.0
   # A gain of g is |log10 g| in every bin well above the floor.
   np.testing.assert_allclose(
-    losses.log_mel_loss(wav, 0.5 * wav, windows=(256, 1024)),
+    losses.log_mel_loss(wav, 0.5 * wav, losses.MelConfig(windows=(256, 1024))),
     np.log10(2.0),
     rtol=0.02,
   )
@@ -195,7 +199,7 @@ def quantizer_output(commitment, codebook_loss):
 
 def test_generator_losses_weights_and_metrics():
   config = losses.LossConfig(
-    mel_windows=(64, 128),
+    mel=losses.MelConfig(windows=(64, 128)),
     phase_windows=(64, 128),
     phase_weight=2.0,
     wav_weight=3.0,
@@ -219,7 +223,9 @@ def test_generator_losses_weights_and_metrics():
   np.testing.assert_allclose(metrics['g/adv'], 2.0)
   np.testing.assert_allclose(metrics['g/feat'], 0.5 / 1.0)
   np.testing.assert_allclose(
-    metrics['g/mel'], losses.log_mel_loss(ref, rec, SR, (64, 128)), rtol=1e-6
+    metrics['g/mel'],
+    losses.log_mel_loss(ref, rec, losses.MelConfig(SR, (64, 128))),
+    rtol=1e-6,
   )
   np.testing.assert_allclose(
     metrics['g/phase'],
@@ -258,8 +264,26 @@ def test_generator_losses_weights_and_metrics():
   soundstream = dataclasses.replace(config, mel_form='soundstream')
   _, metrics = losses.generator_losses(soundstream, ref, rec, None, None)
   np.testing.assert_allclose(
-    metrics['g/mel'], losses.multiscale_mel_loss(ref, rec, SR, (64, 128))
+    metrics['g/mel'],
+    losses.multiscale_mel_loss(ref, rec, losses.MelConfig(SR, (64, 128))),
   )
+
+
+def test_mel_settings_are_one_config_that_gin_binds():
+  assert losses.LossConfig().mel == losses.MelConfig()
+  gin.clear_config()
+  try:
+    train.parse_gin(
+      ['experiments/quickstart.gin'],
+      [
+        'losses.MelConfig.windows = (128, 256)',
+        'losses.MelConfig.num_mels = 32',
+      ],
+    )
+    model = gin.query_parameter('train.model').scoped_configurable_fn()
+  finally:
+    gin.clear_config()
+  assert model.loss.mel == losses.MelConfig(windows=(128, 256), num_mels=32)
 
 
 def test_trim_drops_the_fade_in_and_the_look_ahead_tail():
@@ -293,7 +317,7 @@ def test_gradients_through_discriminator_are_finite():
   )
   # Every term, at a reference that is silent for its first 100 samples.
   config = losses.LossConfig(
-    mel_windows=(32, 64),
+    mel=losses.MelConfig(windows=(32, 64)),
     phase_windows=(32, 64),
     phase_weight=1.0,
     wav_weight=1.0,
@@ -359,7 +383,7 @@ def test_mel_distance_values():
     losses.mel_distance(wav, 2.0 * wav), np.log10(2.0), rtol=1e-2
   )
   np.testing.assert_allclose(
-    losses.mel_distance(wav, 2.0 * wav, windows=(1024, 2048)),
+    losses.mel_distance(wav, 2.0 * wav, losses.MelConfig(windows=(1024, 2048))),
     np.log10(2.0),
     rtol=1e-3,
   )

@@ -44,6 +44,12 @@ OVERFIT_STEPS = 40
 OVERFIT_FACTOR = 1.5
 
 
+def test_loss_and_codec_sample_rates_must_agree():
+  mel = losses.MelConfig(sample_rate=44_100)
+  with pytest.raises(ValueError, match='sample rates differ'):
+    step.StepConfig(loss=losses.LossConfig(mel=mel))
+
+
 def fixed_batch() -> dict[str, np.ndarray]:
   """Two clips of 3 frames plus the look-ahead frame, peak 0.5."""
   clips = [

@@ -241,7 +241,9 @@ def _signal_metrics(
   ref, est = reference[None], estimate[None]
   mid, side = mid_side_snr(ref, est)
   out = {
-    'mel_distance': losses.mel_distance(ref, est, sample_rate),
+    'mel_distance': losses.mel_distance(
+      ref, est, losses.MelConfig(sample_rate=sample_rate)
+    ),
     'stft_distance': stft_distance(ref, est),
     'lsd': log_spectral_distance(ref, est),
     'si_sdr': losses.si_sdr(ref, est),
