@@ -26,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from spectrostream_jax import curves
+from spectrostream_jax import files
 from spectrostream_jax import losses
 from spectrostream_jax.evaluation import clips as clips_lib
 from spectrostream_jax.models import codec as codec_lib
@@ -142,8 +143,8 @@ def plot(runs: dict, path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
   fig.tight_layout()
-  fig.savefig(path + '.tmp.png', dpi=110)
-  pathlib.Path(path + '.tmp.png').replace(path)
+  with files.atomic_path(path) as tmp:
+    fig.savefig(tmp, dpi=110)
 
 
 def main(argv=None) -> int:

@@ -11,6 +11,8 @@ import pathlib
 import platform
 import sys
 
+from spectrostream_jax import files
+
 DOC = pathlib.Path(__file__).resolve().parents[1] / 'docs' / 'benchmarks.md'
 
 
@@ -24,9 +26,7 @@ def update_section(name: str, result: dict, render) -> None:
     text = head + body + tail
   else:
     text = text.rstrip() + '\n\n' + body + '\n'
-  tmp = DOC.with_suffix('.md.tmp')
-  tmp.write_text(text)
-  os.replace(tmp, DOC)
+  files.write_atomic(DOC, text)
 
 
 def cpu_name() -> str:

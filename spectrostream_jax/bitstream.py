@@ -15,7 +15,6 @@ The byte layout is documented in docs/bitstream.md.
 """
 
 from collections.abc import Iterator
-import contextlib
 import dataclasses
 import math
 import operator
@@ -25,6 +24,8 @@ from typing import Any
 import zlib
 
 import numpy as np
+
+from spectrostream_jax import files
 
 MAGIC = b'\x89SPS\r\n\x1a\n'
 VERSION = 1
@@ -274,11 +275,6 @@ def _check_codes(codes: Any, header: Header) -> np.ndarray:
   return codes.astype(np.uint16)
 
 
-def _temp_path(path: str) -> str:
-  head, name = os.path.split(path)
-  return os.path.join(head, f'.{name}.tmp-{os.getpid()}')
-
-
 class Writer:
   """Writes a file block by block; the output appears only on close().
 
@@ -302,8 +298,8 @@ class Writer:
     self._index: list[tuple[int, int, int]] = []
     self._offset = HEADER_SIZE
     self._closed = self._renamed = False
-    self._temp = _temp_path(self.path)
-    self._file = open(self._temp, 'wb')  # noqa: SIM115 (closed in close()).
+    self._temp = files.temp_name(self.path)
+    self._file = open(self._temp, 'xb')  # noqa: SIM115 (closed in close()).
     try:
       self._file.write(_pack_header(self._header, UNFINISHED))
     except BaseException:
@@ -375,7 +371,7 @@ class Writer:
       self.abort()
       raise
     self._closed = self._renamed = True
-    _fsync_dir(os.path.dirname(self.path) or '.')
+    files.fsync_dir(self._temp.parent)
 
   def abort(self) -> None:
     """Discards the temp file; the output path is left as it was."""
@@ -383,8 +379,7 @@ class Writer:
       return
     self._closed = True
     self._file.close()
-    with contextlib.suppress(FileNotFoundError):
-      os.unlink(self._temp)
+    self._temp.unlink(missing_ok=True)
 
   def __enter__(self) -> 'Writer':
     return self
@@ -394,20 +389,6 @@ class Writer:
       self.close()
     else:
       self.abort()
-
-
-def _fsync_dir(path: str) -> None:
-  """Makes the rename durable; not every platform can open a directory."""
-  try:
-    fd = os.open(path, os.O_RDONLY)
-  except OSError:
-    return
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
 
 
 def write(path: str | os.PathLike, header: Header, codes: Any) -> Header:

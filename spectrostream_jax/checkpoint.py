@@ -24,6 +24,8 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from spectrostream_jax import files
+
 MODES = ('min', 'max')
 
 
@@ -127,7 +129,7 @@ class Checkpointer:
           'checkpoint %d cannot be restored (%s: %s); using checkpoint %d',
           step,
           type(e).__name__,
-          str(e).splitlines()[0] if str(e) else '',
+          files.first_line(e),
           steps[i + 1],
         )
         continue

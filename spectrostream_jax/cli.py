@@ -14,7 +14,6 @@ renamed when complete.
 
 import argparse
 import json
-import os
 import pathlib
 import sys
 import time
@@ -24,6 +23,7 @@ import soundfile as sf
 import soxr
 
 from spectrostream_jax import bitstream
+from spectrostream_jax import files
 from spectrostream_jax import streaming
 from spectrostream_jax.inference import Codec
 
@@ -182,30 +182,27 @@ def decode_file(
         dtype='float32',
       )
     dec = streaming.StreamingDecoder(codec, frames_per_step=block_frames)
-    tmp = dst.with_name(f'.{dst.name}.tmp-{os.getpid()}')
     written = 0
-    try:
-      with sf.SoundFile(
+    with (
+      files.atomic_path(dst) as tmp,
+      sf.SoundFile(
         str(tmp),
         'w',
         h.original_sample_rate,
         out_channels,
         subtype=subtype,
         format='WAV',
-      ) as out:
-        for y, last in _decoded(reader, dec):
-          if resampler is not None:
-            y = resampler.resample_chunk(y, last=last)
-          y = y[: h.original_length - written]
-          out.write(_from_codec_channels(y, out_channels))
-          written += y.shape[0]
-        if written < h.original_length:  # Resampler rounding: pad.
-          pad = np.zeros((h.original_length - written, out_channels))
-          out.write(pad.astype(np.float32))
-      os.replace(tmp, dst)
-    except BaseException:
-      tmp.unlink(missing_ok=True)
-      raise
+      ) as out,
+    ):
+      for y, last in _decoded(reader, dec):
+        if resampler is not None:
+          y = resampler.resample_chunk(y, last=last)
+        y = y[: h.original_length - written]
+        out.write(_from_codec_channels(y, out_channels))
+        written += y.shape[0]
+      if written < h.original_length:  # Resampler rounding: pad.
+        pad = np.zeros((h.original_length - written, out_channels))
+        out.write(pad.astype(np.float32))
     return h
 
 
@@ -224,13 +221,13 @@ def _pairs(src: pathlib.Path, dst: pathlib.Path, to_suffix, want_src):
     if dst.is_dir():
       return [(src, dst / to_suffix(src.name))]
     return [(src, dst)]
-  files = sorted(p for p in src.rglob('*') if p.is_file() and want_src(p))
-  if not files:
+  found = sorted(p for p in src.rglob('*') if p.is_file() and want_src(p))
+  if not found:
     raise UserError(f'no input files found under {src}')
   if dst.exists() and not dst.is_dir():
     raise UserError(f'{dst} must be a directory when the input is one')
   return [
-    (p, dst / p.relative_to(src).parent / to_suffix(p.name)) for p in files
+    (p, dst / p.relative_to(src).parent / to_suffix(p.name)) for p in found
   ]
 
 
@@ -362,9 +359,8 @@ def cmd_demo(args) -> int:
   print(json.dumps(report, indent=2))
   if args.out:
     y = np.concatenate(out)[:length]
-    tmp = f'{args.out}.tmp-{os.getpid()}.wav'
-    sf.write(tmp, y, cfg.sample_rate, subtype='FLOAT')
-    os.replace(tmp, args.out)
+    with files.atomic_path(args.out) as tmp:
+      sf.write(tmp, y, cfg.sample_rate, subtype='FLOAT', format='WAV')
   return 0
 
 

@@ -19,6 +19,8 @@ import sys
 
 import numpy as np
 
+from spectrostream_jax import files
+
 DEFAULT_TAGS = (
   'g/mel',
   'g/feat',
@@ -123,10 +125,9 @@ def plot(
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  tmp = f'{out}.tmp-{os.getpid()}.png'
-  fig.savefig(tmp, dpi=100)
+  with files.atomic_path(out) as tmp:
+    fig.savefig(tmp, dpi=100)
   plt.close(fig)
-  os.replace(tmp, out)
 
 
 def main(argv=None) -> int:

@@ -37,7 +37,6 @@ music.
 import argparse
 import functools
 import json
-import pathlib
 import time
 
 import jax
@@ -46,6 +45,7 @@ import numpy as np
 import optax
 
 import gin
+from spectrostream_jax import files
 from spectrostream_jax import losses
 from spectrostream_jax import signal
 from spectrostream_jax import step as step_lib
@@ -232,10 +232,7 @@ def memorise(
 
 def _write(path: str | None, text: str) -> None:
   if path:
-    out = pathlib.Path(path)
-    tmp = out.with_name(out.name + '.tmp')
-    tmp.write_text(text + '\n')
-    tmp.replace(out)
+    files.write_atomic(path, text + '\n')
 
 
 def main(argv: list[str] | None = None) -> None:

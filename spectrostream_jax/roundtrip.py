@@ -17,6 +17,7 @@ from absl import flags
 import numpy as np
 import soundfile as sf
 
+from spectrostream_jax import files
 from spectrostream_jax import inference
 from spectrostream_jax import weights
 from spectrostream_jax.models import codec as codec_lib
@@ -72,9 +73,8 @@ def main(argv):
     'finite': bool(np.all(np.isfinite(out))),
   }
   if _OUT.value:
-    tmp = _OUT.value + '.tmp.wav'
-    sf.write(tmp, out[0], config.sample_rate, subtype='FLOAT')
-    os.replace(tmp, _OUT.value)
+    with files.atomic_path(_OUT.value) as tmp:
+      sf.write(tmp, out[0], config.sample_rate, subtype='FLOAT', format='WAV')
     summary['wrote'] = _OUT.value
   print(json.dumps(summary, indent=1))
 

@@ -533,7 +533,7 @@ def test_unfinished_temp_file_is_refused(tmp_path):
   writer.append(make_codes(9, 3, 6))
   writer._file.flush()
   (temp,) = os.listdir(tmp_path)
-  assert temp == f'.a.sps.tmp-{os.getpid()}'
+  assert temp.startswith('.a.sps-tmp-') and temp.endswith('.sps')
   with pytest.raises(BitstreamError, match='not finished'):
     bs.read(tmp_path / temp)
   writer.abort()

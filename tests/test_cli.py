@@ -126,7 +126,7 @@ def _assert_clean_failure(rc, err, dst):
   lines = [line for line in err.splitlines() if line.strip()]
   assert lines, 'no message'
   assert not dst.exists()
-  assert not list(dst.parent.glob(f'.{dst.name}.tmp-*'))
+  assert not list(dst.parent.glob(f'.{dst.name}-tmp-*'))
 
 
 def test_corrupt_inputs_fail_cleanly(model, tmp_path, capsys):

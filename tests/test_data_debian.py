@@ -192,6 +192,25 @@ def test_fetch_builds_a_split_licensed_manifest(tmp_path, monkeypatch):
   }
   with pytest.raises(index_lib.DataError, match='not empty'):
     debian.fetch(str(out))
+  # A failed rebuild keeps the corpus; a good one replaces it whole.
+  manifest = (out / 'manifest.jsonl').read_text()
+
+  def broken_download(package, directory, pinned):
+    raise index_lib.DataError('offline')
+
+  monkeypatch.setattr(debian, 'download', broken_download)
+  with pytest.raises(index_lib.DataError, match='offline'):
+    debian.fetch(str(out), overwrite=True)
+  assert (out / 'manifest.jsonl').read_text() == manifest
+  monkeypatch.setattr(debian, 'download', fake_download)
+  shutil.rmtree(built)
+  built.mkdir()
+  debian.fetch(str(out), overwrite=True, split='eval')
+  rows = [
+    json.loads(x) for x in (out / 'manifest.jsonl').read_text().splitlines()
+  ]
+  assert {r['split'] for r in rows} == {'eval'}
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith('.')]
 
 
 SONIC = lossless.PACKAGES[0]

@@ -394,6 +394,10 @@ def test_arrayrecord_round_trip_without_tensorflow(corpus, cache, tmp_path):
   assert np.all(np.isfinite(batch['audio']))
   with pytest.raises(index_lib.DataError, match='exists'):
     arrayrecord.build(str(corpus), str(out), config, cache)
+  arrayrecord.build(str(corpus), str(out), config, cache, overwrite=True)
+  assert os.listdir(out / 'test_audio') == ['1.0.0']
+  records = tfds.data_source('test_audio', split='eval', data_dir=str(out))
+  assert len(records) == splits['eval']['examples']
 
 
 def _cli(*args):

@@ -75,8 +75,9 @@ def test_files_written(results):
   out, _ = results
   names = set(os.listdir(out))
   assert {'results.json', 'results.csv', 'results.md', 'plots'} <= names
-  assert not [n for n in names if n.startswith('.tmp')]
-  assert 'mel_distance.png' in os.listdir(out / 'plots')
+  plots = os.listdir(out / 'plots')
+  assert not [n for n in [*names, *plots] if n.startswith('.')]  # Temps.
+  assert 'mel_distance.png' in plots
   table = (out / 'results.md').read_text()
   assert '| 0.45 | spectrostream |' in table and '## Codebooks' in table
   assert '| track0.wav | ' in table and '| 1.00 |' in table  # durations

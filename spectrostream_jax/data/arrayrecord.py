@@ -23,8 +23,6 @@ import collections
 import dataclasses
 import math
 import os
-import shutil
-import tempfile
 from typing import Any
 
 from array_record.python import array_record_module
@@ -33,6 +31,7 @@ import soundfile as sf
 import soxr
 import tensorflow_datasets as tfds
 
+from spectrostream_jax import files as files_lib
 from spectrostream_jax.data import index as index_lib
 from spectrostream_jax.data import transforms
 
@@ -232,10 +231,7 @@ def build(
   for f in sorted(index.files, key=lambda f: f.track):
     by_split[f.split].append(f)
 
-  parent = os.path.join(out_dir, config.name)
-  os.makedirs(parent, exist_ok=True)
-  work = index_lib.make_temp_dir(parent, f'.{config.version}.incomplete-')
-  try:
+  with files_lib.atomic_dir(final, overwrite=overwrite) as work:
     record_spec = features(config.num_channels)
     split_infos, stats = [], {}
     dropped = 0
@@ -282,16 +278,6 @@ def build(
         segment_seconds=config.segment_seconds,
       ),
     )
-    old = None
-    if os.path.exists(final):
-      old = tempfile.mkdtemp(dir=parent, prefix=f'.{config.version}.old-')
-      os.replace(final, os.path.join(old, 'dataset'))
-    os.replace(work, final)
-  except BaseException:
-    shutil.rmtree(work, ignore_errors=True)
-    raise
-  if old:
-    shutil.rmtree(old)
   summary = index.summary()
   return {
     'dataset_dir': final,

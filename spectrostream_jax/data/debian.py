@@ -30,6 +30,7 @@ import shutil
 import subprocess
 from typing import Any
 
+from spectrostream_jax import files as files_lib
 from spectrostream_jax.data import index as index_lib
 
 
@@ -219,11 +220,7 @@ def fetch(
     raise index_lib.DataError(
       f'{out} is not empty (pass --overwrite to replace it)'
     )
-  out.parent.mkdir(parents=True, exist_ok=True)
-  work = pathlib.Path(
-    index_lib.make_temp_dir(str(out.parent), f'.{out.name}.incomplete-')
-  )
-  try:
+  with files_lib.atomic_dir(out, overwrite=overwrite) as work:
     rows, left_out = [], {}
     for package in packages:
       found, left_out[package.name] = _fetch_package(package, work, pinned)
@@ -238,16 +235,10 @@ def fetch(
       groups = dict.fromkeys((r['track'] for r in rows), split)
     for row in rows:
       row['split'] = groups[row['track']]
-    index_lib.write_atomic(
-      str(work / 'manifest.jsonl'),
+    (work / 'manifest.jsonl').write_text(
       ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in rows),
+      encoding='utf-8',
     )
-    if out.exists():
-      shutil.rmtree(out)
-    os.replace(work, out)
-  except BaseException:
-    shutil.rmtree(work, ignore_errors=True)
-    raise
   summary = summarize(rows, str(out), packages)
   for name, files in left_out.items():
     summary['packages'][name]['left_out'] = files

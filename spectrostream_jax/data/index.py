@@ -25,12 +25,13 @@ import json
 import math
 import os
 import pathlib
-import tempfile
 from typing import Any
 
 from absl import logging
 import numpy as np
 import soundfile as sf
+
+from spectrostream_jax import files as files_lib
 
 AUDIO_SUFFIXES = frozenset(
   {'.wav', '.flac', '.ogg', '.oga', '.opus', '.mp3', '.aif', '.aiff', '.w64'}
@@ -199,10 +200,6 @@ def _read_manifest(path: pathlib.Path) -> list[Candidate]:
   return found
 
 
-def _first_line(error: Exception) -> str:
-  return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
 def probe(path: str) -> Probe:
   """Decodes `path` once, start to end, and says whether it is usable."""
   if not os.path.lexists(path):
@@ -214,7 +211,7 @@ def probe(path: str) -> Probe:
   try:
     f = sf.SoundFile(path)
   except (RuntimeError, OSError, ValueError, EOFError) as e:
-    return Probe(reason='unreadable', detail=_first_line(e))
+    return Probe(reason='unreadable', detail=files_lib.first_line(e))
   with f:
     rate, channels = f.samplerate, f.channels
     frames, peak, finite = 0, 0.0, True
@@ -228,7 +225,7 @@ def probe(path: str) -> Probe:
         if finite:
           peak = max(peak, float(np.max(np.abs(block))))
     except (RuntimeError, OSError, ValueError, EOFError) as e:
-      detail = f'after {frames} frames: {_first_line(e)}'
+      detail = f'after {frames} frames: {files_lib.first_line(e)}'
       return Probe(frames, rate, channels, reason='corrupt', detail=detail)
     header_frames, log = f.frames, f.extra_info
   found = Probe(frames, rate, channels, peak)
@@ -291,37 +288,6 @@ def _load_cache(path: str) -> dict[str, Any]:
   return cache.get('files', {})
 
 
-def _umask() -> int:
-  mask = os.umask(0o022)
-  os.umask(mask)
-  return mask
-
-
-def make_temp_dir(parent: str, prefix: str) -> str:
-  """A new directory in `parent` with the usual (umask) permissions.
-
-  Outputs are built in one and renamed into place when complete.
-  """
-  path = tempfile.mkdtemp(dir=parent, prefix=prefix)
-  os.chmod(path, 0o777 & ~_umask())
-  return path
-
-
-def write_atomic(path: str, text: str) -> None:
-  """Writes `text` to a temporary file beside `path`, then renames it."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-')
-  try:
-    with os.fdopen(fd, 'w', encoding='utf-8') as f:
-      f.write(text)
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-
-
 def scan(
   spec: str, cache_dir: str | None = None, workers: int | None = None
 ) -> Index:
@@ -355,7 +321,7 @@ def scan(
   if fresh != cached:
     payload = {'format': _CACHE_FORMAT, 'spec': spec, 'files': fresh}
     try:
-      write_atomic(cache_path, json.dumps(payload))
+      files_lib.write_atomic(cache_path, json.dumps(payload))
     except OSError as e:
       logging.warning('index cache not written (%s); next run rescans', e)
   files, skipped = [], []

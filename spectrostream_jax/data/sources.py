@@ -22,6 +22,7 @@ import numpy as np
 import soundfile as sf
 import tensorflow_datasets as tfds
 
+from spectrostream_jax import files as files_lib
 from spectrostream_jax.data import index as index_lib
 from spectrostream_jax.data import synthetic
 from spectrostream_jax.data import transforms
@@ -132,7 +133,7 @@ class TfdsReader:
     except Exception as e:  # tfds raises many types; all mean "cannot open".
       raise index_lib.DataError(
         f'cannot open TFDS dataset {source.name!r} split {source.split!r} '
-        f'in {source.data_dir}: {str(e).splitlines()[0]}'
+        f'in {source.data_dir}: {files_lib.first_line(e)}'
       ) from None
     features = self.records.dataset_info.features
     if source.audio_key not in features:

@@ -10,8 +10,9 @@ import io
 import json
 import math
 import os
-import tempfile
 from typing import Any
+
+from spectrostream_jax import files
 
 # (key, column title, better when higher) of the main table and plots.
 COLUMNS = (
@@ -42,14 +43,13 @@ def finite_or_none(x: Any) -> Any:
 
 def write_all(out_dir: str, results: dict[str, Any]) -> list[str]:
   """Writes every output file into `out_dir`; returns their names."""
-  os.makedirs(out_dir, exist_ok=True)
   text = json.dumps(finite_or_none(results), indent=1, allow_nan=False)
   for name, body in (
     ('results.json', text + '\n'),
     ('results.csv', csv_text(results)),
     ('results.md', markdown(results) + '\n'),
   ):
-    write_atomic(os.path.join(out_dir, name), body.encode())
+    files.write_atomic(os.path.join(out_dir, name), body)
   return ['results.json', 'results.csv', 'results.md', *plots(out_dir, results)]
 
 
@@ -197,8 +197,6 @@ def plots(out_dir: str, results: dict[str, Any]) -> list[str]:
   from matplotlib import pyplot as plt
   from matplotlib import ticker
 
-  plot_dir = os.path.join(out_dir, 'plots')
-  os.makedirs(plot_dir, exist_ok=True)
   systems = list(dict.fromkeys(row['system'] for row in results['rows']))
   written = []
   for key, title, up in COLUMNS:
@@ -228,25 +226,10 @@ def plots(out_dir: str, results: dict[str, Any]) -> list[str]:
     png = io.BytesIO()
     fig.savefig(png, format='png')
     plt.close(fig)
-    write_atomic(os.path.join(out_dir, name), png.getvalue())
+    files.write_atomic(os.path.join(out_dir, name), png.getvalue())
     written.append(name)
   return written
 
 
 def _finite(x: Any) -> bool:
   return isinstance(x, int | float) and math.isfinite(x)
-
-
-def write_atomic(path: str, data: bytes) -> None:
-  """Writes `data` to a temporary file beside `path`, then renames it."""
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or '.', prefix='.tmp-')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise

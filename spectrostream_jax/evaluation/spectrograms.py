@@ -23,6 +23,8 @@ import sys
 import numpy as np
 import soundfile as sf
 
+from spectrostream_jax import files
+
 # A finer mel scale than the losses' (docs/evaluation.md): 128 bands of a
 # 2048-point STFT, hop 10.7 ms at 48 kHz.
 WINDOW, HOP, NUM_MELS = 2048, 512, 128
@@ -191,7 +193,6 @@ def main(argv: list[str] | None = None) -> int:
   if not args.start >= 0:
     parser.error(f'--start must be >= 0, not {args.start:g}')
   from spectrostream_jax.evaluation import baselines as baselines_lib
-  from spectrostream_jax.evaluation import report
   from spectrostream_jax.inference import Codec
 
   chosen = [('opus', 8.0)] if args.baseline is None else args.baseline
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
       codec.sample_rate,
       args.title or os.path.basename(args.audio),
     )
-    report.write_atomic(args.out, png)
+    files.write_atomic(args.out, png)
   except (ValueError, OSError, sf.LibsndfileError) as e:
     print(f'{parser.prog}: error: {e}', file=sys.stderr)
     return 1
