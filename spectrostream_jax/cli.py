@@ -23,6 +23,7 @@ import soundfile as sf
 import soxr
 
 from spectrostream_jax import bitstream
+from spectrostream_jax import channels
 from spectrostream_jax import files
 from spectrostream_jax import streaming
 from spectrostream_jax.inference import Codec
@@ -62,24 +63,6 @@ def _block_frames(codec: Codec, seconds: float) -> int:
   if not seconds > 0:
     raise UserError(f'--block-seconds must be > 0, got {seconds}')
   return max(1, round(seconds * codec.config.frame_rate))
-
-
-def _to_codec_channels(x: np.ndarray, channels: int) -> np.ndarray:
-  """[T, C_in] -> [T, channels]: mono duplicated, others averaged first."""
-  if x.shape[1] == channels:
-    return x
-  if x.shape[1] != 1:
-    x = x.mean(axis=1, keepdims=True)
-  return np.repeat(x, channels, axis=1)
-
-
-def _from_codec_channels(x: np.ndarray, channels: int) -> np.ndarray:
-  """Decoded [T, C] back to the input's channel count (at most 2)."""
-  if channels == x.shape[1] or channels > 2:
-    return x
-  if channels == 1:
-    return x.mean(axis=1, keepdims=True)
-  return np.repeat(x, channels, axis=1)
 
 
 def _open_audio(path: pathlib.Path) -> sf.SoundFile:
@@ -132,7 +115,7 @@ def encode_file(
         done += x.shape[0]
         if not np.all(np.isfinite(x)):
           raise UserError(f'{src} contains NaN or Inf samples')
-        x = _to_codec_channels(x, cfg.num_channels)
+        x = channels.to_channels(x, cfg.num_channels)
         if resampler is not None:
           x = resampler.resample_chunk(x)
         writer.append(enc.push(x[None])[0])
@@ -198,7 +181,7 @@ def decode_file(
         if resampler is not None:
           y = resampler.resample_chunk(y, last=last)
         y = y[: h.original_length - written]
-        out.write(_from_codec_channels(y, out_channels))
+        out.write(channels.to_channels(y, out_channels))
         written += y.shape[0]
       if written < h.original_length:  # Resampler rounding: pad.
         pad = np.zeros((h.original_length - written, out_channels))
@@ -314,7 +297,7 @@ def cmd_demo(args) -> int:
     n = min(f.frames, round(args.seconds * f.samplerate))
     x = f.read(n, dtype='float32', always_2d=True)
     rate = f.samplerate
-  x = _to_codec_channels(x, cfg.num_channels)
+  x = channels.to_channels(x, cfg.num_channels)
   if rate != cfg.sample_rate:
     x = soxr.resample(x, rate, cfg.sample_rate)
   length = x.shape[0]

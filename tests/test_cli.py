@@ -8,6 +8,7 @@ import soundfile as sf
 import soxr
 
 from spectrostream_jax import bitstream
+from spectrostream_jax import channels
 from spectrostream_jax import cli
 from spectrostream_jax import export
 from spectrostream_jax.inference import Codec
@@ -38,8 +39,8 @@ def _run(capsys, *argv):
 
 def test_round_trip_restores_rate_channels_and_length(model, tmp_path, capsys):
   model_dir, codec = model
-  for rate, channels in ((44_100, 2), (22_050, 1), (48_000, 2)):
-    x = _clip(1.3, rate, channels, seed=rate)
+  for rate, num_channels in ((44_100, 2), (22_050, 1), (48_000, 2)):
+    x = _clip(1.3, rate, num_channels, seed=rate)
     src = tmp_path / f'in_{rate}.flac'
     sf.write(src, x, rate, subtype='PCM_24')
     sps, wav = tmp_path / f'{rate}.sps', tmp_path / f'{rate}.wav'
@@ -52,7 +53,7 @@ def test_round_trip_restores_rate_channels_and_length(model, tmp_path, capsys):
     x48 = sf.read(src, dtype='float32', always_2d=True)[0]
     if rate != 48_000:
       x48 = soxr.resample(x48, rate, 48_000)
-    x48 = np.repeat(x48, 2 // channels, axis=1)
+    x48 = np.repeat(x48, 2 // num_channels, axis=1)
     padded = np.pad(x48, ((0, 1920), (0, 0)))[None]
     want = codec.encode(padded)[0]
     assert header.levels == 8 and header.original_length == x.shape[0]
@@ -61,6 +62,35 @@ def test_round_trip_restores_rate_channels_and_length(model, tmp_path, capsys):
       np.testing.assert_allclose(
         y, codec.decode(want[None])[0, : x.shape[0]], atol=1e-5
       )
+
+
+def test_surround_takes_the_training_downmix(model, tmp_path, capsys):
+  """5.1 (L R C LFE Ls Rs) is coded as the downmix training uses."""
+  model_dir, codec = model
+  x = np.zeros((48_000, 6), np.float32)
+  x[:, 0] = _clip(1.0, 48_000, 1, seed=1)[:, 0]  # Front left only.
+  x[:, 3] = _clip(1.0, 48_000, 1, seed=2)[:, 0]  # LFE: dropped.
+  src, sps, wav = tmp_path / 'in.wav', tmp_path / 'x.sps', tmp_path / 'y.wav'
+  sf.write(src, x, 48_000, subtype='FLOAT')
+  assert _run(capsys, 'encode', '--model', model_dir, src, sps)[0] == 0
+  assert _run(capsys, 'decode', '--model', model_dir, sps, wav)[0] == 0
+  header, codes = bitstream.read(sps, bytes.fromhex(codec.model_id))
+  assert header.original_channels == 6
+  stereo = channels.to_channels(x, 2)
+  # All of it left, none right: not the old mono average of six channels.
+  np.testing.assert_allclose(stereo[:, 0], x[:, 0] / (1 + np.sqrt(2)))
+  assert not stereo[:, 1].any()
+  want = codec.encode(np.pad(stereo, ((0, 1920), (0, 0)))[None])[0]
+  np.testing.assert_array_equal(codes, want)
+  mono = np.repeat(x.mean(axis=1, keepdims=True), 2, axis=1)
+  assert np.any(
+    codec.encode(np.pad(mono, ((0, 1920), (0, 0)))[None])[0] != want
+  )
+  y, rate = sf.read(wav, dtype='float32', always_2d=True)
+  assert (rate, y.shape) == (48_000, (48_000, 2))
+  np.testing.assert_allclose(
+    y, codec.decode(want[None])[0, : x.shape[0]], atol=1e-5
+  )
 
 
 def test_codes_do_not_depend_on_block_size(model, tmp_path, capsys):

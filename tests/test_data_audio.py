@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from spectrostream_jax import channels
 from spectrostream_jax.data import loudness
 from spectrostream_jax.data import synthetic
 from spectrostream_jax.data import transforms
@@ -85,22 +86,26 @@ def test_channels():
   x = np.arange(12, dtype=np.float32).reshape(2, 6)
   mono = x[:, :1]
   np.testing.assert_array_equal(
-    transforms.to_channels(mono, 2, 'downmix'), np.concatenate([mono] * 2, 1)
+    channels.to_channels(mono, 2, 'downmix'), np.concatenate([mono] * 2, 1)
   )
   np.testing.assert_array_equal(
-    transforms.to_channels(x, 2, 'first_two'), x[:, :2]
+    channels.to_channels(x, 2, 'first_two'), x[:, :2]
   )
   # 5.1 order L R C LFE Ls Rs: L only left, C equally, LFE dropped.
   eye = np.eye(6, dtype=np.float32)
-  mixed = transforms.to_channels(eye, 2, 'downmix')
+  mixed = channels.to_channels(eye, 2, 'downmix')
   assert mixed[0, 0] > 0 and mixed[0, 1] == 0
   assert mixed[2, 0] == pytest.approx(mixed[2, 1]) and mixed[2, 0] > 0
   np.testing.assert_array_equal(mixed[3], [0, 0])
   np.testing.assert_allclose(mixed.sum(axis=0), [1, 1], rtol=1e-6)
   stereo = x[:, :2]
   np.testing.assert_allclose(
-    transforms.to_channels(stereo, 1, 'downmix'), stereo.mean(1, keepdims=True)
+    channels.to_channels(stereo, 1, 'downmix'), stereo.mean(1, keepdims=True)
   )
+  with pytest.raises(ValueError, match='channel mode'):
+    channels.to_channels(x, 2, 'average')
+  with pytest.raises(ValueError, match='1 or 2'):
+    channels.to_channels(x, 6)
 
 
 @pytest.mark.parametrize('rate', [8_000, 44_100, 96_000])

@@ -31,9 +31,9 @@ import soundfile as sf
 import soxr
 import tensorflow_datasets as tfds
 
+from spectrostream_jax import channels
 from spectrostream_jax import files as files_lib
 from spectrostream_jax.data import index as index_lib
-from spectrostream_jax.data import transforms
 
 _BLOCK_FRAMES = 1 << 18
 _TEMPLATE = '{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}'
@@ -71,9 +71,9 @@ class BuildConfig:
       )
     if self.num_channels not in (1, 2) or self.sample_rate <= 0:
       raise index_lib.DataError('need num_channels 1 or 2, sample_rate > 0')
-    if self.channel_mode not in transforms.CHANNEL_MODES:
+    if self.channel_mode not in channels.CHANNEL_MODES:
       raise index_lib.DataError(
-        f'channel_mode must be one of {transforms.CHANNEL_MODES}'
+        f'channel_mode must be one of {channels.CHANNEL_MODES}'
       )
 
   @property
@@ -122,7 +122,7 @@ def segments(
       while True:
         block = f.read(_BLOCK_FRAMES, dtype='float32', always_2d=True)
         last = block.shape[0] < _BLOCK_FRAMES
-        block = transforms.to_channels(
+        block = channels.to_channels(
           block * gain, config.num_channels, config.channel_mode
         )
         if stream is not None:

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import numpy as np
 import soxr
 
+from spectrostream_jax import channels
 from spectrostream_jax.data import loudness
 
 # Reasons a chunk is dropped while the pipeline runs; batches count them
@@ -32,7 +33,8 @@ RUNTIME_REASONS = (
 )
 # Context read on each side of a crop that must be resampled, in seconds.
 RESAMPLE_MARGIN_SECONDS = 0.01
-CHANNEL_MODES = ('downmix', 'first_two')
+# For data/cli.py, which offers them as --channel-mode choices.
+CHANNEL_MODES = channels.CHANNEL_MODES
 
 
 class CropError(Exception):
@@ -68,9 +70,9 @@ class AudioConfig:
   def __post_init__(self):
     if self.num_channels not in (1, 2):
       raise ValueError(f'num_channels must be 1 or 2, not {self.num_channels}')
-    if self.channel_mode not in CHANNEL_MODES:
+    if self.channel_mode not in channels.CHANNEL_MODES:
       raise ValueError(
-        f'channel_mode {self.channel_mode!r} not in {CHANNEL_MODES}'
+        f'channel_mode {self.channel_mode!r} not in {channels.CHANNEL_MODES}'
       )
     if self.crop_samples <= 0 or self.sample_rate <= 0:
       raise ValueError('crop_samples and sample_rate must be positive')
@@ -113,44 +115,6 @@ def crop_window(
   return read_start, read_stop, start - read_start
 
 
-# Downmix matrices [C, 2] for the WAVE default channel orders:
-# 3 L R C; 4 L R Ls Rs; 5 L R C Ls Rs; 6 L R C LFE Ls Rs;
-# 7 L R C LFE Cs Ls Rs; 8 L R C LFE Lb Rb Ls Rs. LFE is dropped.
-_H = 1 / math.sqrt(2)
-_DOWNMIX = {
-  3: [[1, 0], [0, 1], [_H, _H]],
-  4: [[1, 0], [0, 1], [_H, 0], [0, _H]],
-  5: [[1, 0], [0, 1], [_H, _H], [_H, 0], [0, _H]],
-  6: [[1, 0], [0, 1], [_H, _H], [0, 0], [_H, 0], [0, _H]],
-  7: [[1, 0], [0, 1], [_H, _H], [0, 0], [0.5, 0.5], [_H, 0], [0, _H]],
-  8: [[1, 0], [0, 1], [_H, _H], [0, 0], [_H, 0], [0, _H], [_H, 0], [0, _H]],
-}
-
-
-def to_channels(x: np.ndarray, num_channels: int, mode: str) -> np.ndarray:
-  """[N, C] -> [N, num_channels]: mono duplicated, stereo kept, more mixed.
-
-  With more than two channels, 'first_two' keeps channels 0 and 1 and
-  'downmix' applies the matrix for the WAVE order (beyond eight channels,
-  even channels go left and odd ones right).
-  """
-  c = x.shape[1]
-  if c == 1:
-    stereo = np.concatenate([x, x], axis=1)
-  elif c == 2:
-    stereo = x
-  elif mode == 'first_two':
-    stereo = x[:, :2]
-  else:
-    matrix = np.asarray(
-      _DOWNMIX.get(c) or [[1 - i % 2, i % 2] for i in range(c)]
-    )
-    stereo = x @ (matrix / matrix.sum(axis=0)).astype(x.dtype)
-  if num_channels == 1:
-    return np.mean(stereo, axis=1, keepdims=True)
-  return stereo
-
-
 def resample_crop(chunk: Chunk, config: AudioConfig) -> np.ndarray:
   """The crop at the target rate: exactly `crop_samples` frames."""
   x, rate, lead = chunk
@@ -172,7 +136,7 @@ def finish(
   x = np.asarray(chunk.audio, np.float32)
   if x.ndim == 1:
     x = x[:, None]
-  x = to_channels(x, config.num_channels, config.channel_mode)
+  x = channels.to_channels(x, config.num_channels, config.channel_mode)
   x = resample_crop(chunk._replace(audio=x), config)
   if not np.all(np.isfinite(x)):
     raise CropError('non_finite')

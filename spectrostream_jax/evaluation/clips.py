@@ -22,6 +22,7 @@ import pathlib
 import numpy as np
 import soundfile as sf
 
+from spectrostream_jax import channels
 from spectrostream_jax.data import index as index_lib
 from spectrostream_jax.data import loudness
 from spectrostream_jax.data import transforms
@@ -82,7 +83,7 @@ def _read(
       audio = sound.read(hi - lo, dtype='float32', always_2d=True)
   except (RuntimeError, OSError, ValueError) as e:
     raise transforms.CropError('unreadable', str(e)) from None
-  audio = transforms.to_channels(audio, 2, config.channel_mode)
+  audio = channels.to_channels(audio, 2, config.channel_mode)
   audio = transforms.resample_crop(
     transforms.Chunk(audio, f.sample_rate, lead), config
   )

@@ -23,6 +23,7 @@ import sys
 import numpy as np
 import soundfile as sf
 
+from spectrostream_jax import channels
 from spectrostream_jax import files
 
 # A finer mel scale than the losses' (docs/evaluation.md): 128 bands of a
@@ -55,8 +56,6 @@ def read_excerpt(
   """[T, 2] float32 at `sample_rate`; ValueError/OSError for a bad request."""
   import soxr
 
-  from spectrostream_jax.data import transforms
-
   info = sf.info(path)
   first = round(start * info.samplerate)
   count = round(seconds * info.samplerate)
@@ -70,7 +69,7 @@ def read_excerpt(
   )[0]
   if not np.all(np.isfinite(audio)):
     raise ValueError(f'{path} has non-finite samples in the excerpt')
-  audio = transforms.to_channels(audio, 2, 'downmix')
+  audio = channels.to_channels(audio, 2)
   if info.samplerate != sample_rate:
     audio = soxr.resample(audio, info.samplerate, sample_rate)
   return np.ascontiguousarray(audio, np.float32)
