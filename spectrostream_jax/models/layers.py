@@ -23,8 +23,12 @@ _DIMS = ('NHWC', 'HWIO', 'NHWC')
 
 
 def time_padding(kernel: int, stride: int) -> tuple[int, int]:
-  """Semicausal time padding: output length is ceil(T / stride)."""
-  return max(kernel - stride, 0), stride - 1
+  """Semicausal time padding of an input already padded to whole strides.
+
+  The output then has T / stride frames. No end padding: any would fit one
+  more window of padding alone when the kernel is shorter than the stride.
+  """
+  return max(kernel - stride, 0), 0
 
 
 def freq_padding(kernel: int, stride: int) -> tuple[int, int]:
