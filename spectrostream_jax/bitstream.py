@@ -363,15 +363,12 @@ class Writer:
       self._file.write(footer + _CRC.pack(zlib.crc32(footer)))
       self._file.seek(0)
       self._file.write(_pack_header(header, header.frame_count))
-      self._file.flush()
-      os.fsync(self._file.fileno())
       self._file.close()
-      os.replace(self._temp, self.path)
+      files.publish(self._temp, self.path, durable=True)
     except BaseException:
       self.abort()
       raise
     self._closed = self._renamed = True
-    files.fsync_dir(self._temp.parent)
 
   def abort(self) -> None:
     """Discards the temp file; the output path is left as it was."""

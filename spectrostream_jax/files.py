@@ -56,6 +56,25 @@ def _umask() -> int:
   return mask
 
 
+def publish(tmp: PathLike, path: PathLike, *, durable: bool = False) -> None:
+  """Renames a finished temp file onto `path` with the usual permissions.
+
+  For writers that hold their temp file open across calls (bitstream's
+  `Writer`); everything else uses `atomic_path`, which ends here too.
+  `durable` fsyncs the file before and its directory after the rename.
+  """
+  os.chmod(tmp, 0o666 & ~_umask())
+  if durable:
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+  os.replace(tmp, path)
+  if durable:
+    fsync_dir(pathlib.Path(path).parent)
+
+
 @contextlib.contextmanager
 def atomic_path(
   path: PathLike, *, durable: bool = False
@@ -73,19 +92,10 @@ def atomic_path(
     yield tmp
     if not tmp.is_file():
       raise FileNotFoundError(f'{path}: nothing was written to {tmp.name}')
-    os.chmod(tmp, 0o666 & ~_umask())
-    if durable:
-      fd = os.open(tmp, os.O_RDONLY)
-      try:
-        os.fsync(fd)
-      finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    publish(tmp, path, durable=durable)
   except BaseException:
     tmp.unlink(missing_ok=True)
     raise
-  if durable:
-    fsync_dir(path.parent)
 
 
 def write_atomic(
