@@ -25,12 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from spectrostream_jax import curves
 from spectrostream_jax import files
 from spectrostream_jax import losses
 from spectrostream_jax.evaluation import clips as clips_lib
 from spectrostream_jax.models import codec as codec_lib
 from spectrostream_jax.models import quantizer as rvq
+from spectrostream_jax.training import curves
 
 KBPS = (1, 2, 4, 8, 16)
 

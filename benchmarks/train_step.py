@@ -24,8 +24,8 @@ import jax
 import numpy as np
 
 import gin
-from spectrostream_jax import step as step_lib
-from spectrostream_jax import train
+from spectrostream_jax.training import step as step_lib
+from spectrostream_jax.training import train
 
 try:
   from benchmarks import codec_speed

@@ -2,8 +2,8 @@ r"""`spectrostream-export`: a training run -> a self-contained model directory.
 
     spectrostream-export --workdir=/tmp/quickstart --out=/tmp/tiny_model
 
-reads the CodecConfig from WORKDIR/config.gin and the generator's EMA
-parameters from the newest (or `--step`) checkpoint, and writes
+reads the generator's EMA parameters and the CodecConfig they were trained
+with from the newest (or `--step`) checkpoint, and writes
 
     MODEL_DIR/config.json              config, preset, step, model_id
     MODEL_DIR/encoder.safetensors      official layout (docs/export.md)
@@ -17,29 +17,24 @@ safetensors alone; docs/export.md describes the calling convention.
 """
 
 import argparse
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 import json
 import os
-import shutil
 import sys
-import tempfile
 from typing import Any
 
 from absl import logging
-import grain
 import jax
 from jax import export as jax_export
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
-import gin
+from spectrostream_jax import files
 from spectrostream_jax import inference
 from spectrostream_jax import model_dir as model_dir_lib
-from spectrostream_jax import step as step_lib
-from spectrostream_jax import train
 from spectrostream_jax import weights
 from spectrostream_jax.models import codec as codec_lib
+from spectrostream_jax.training import checkpoint
 
 STABLEHLO_DIR = 'stablehlo'
 MANIFEST_FILE = 'manifest.json'
@@ -53,82 +48,16 @@ DEFAULT_PLATFORMS = ('cpu', 'cuda', 'tpu')
 # Reading a training run -----------------------------------------------------
 
 
-def codec_config_from_gin(path: str) -> codec_lib.CodecConfig:
-  """The CodecConfig a trainer's operative config.gin trained.
-
-  Parses with the trainer's own gin setup and evaluates `train.model`;
-  clears the process's gin config before and after.
-  """
-  if not os.path.isfile(path):
-    raise ValueError(f'no such gin config: {path}')
-  gin.clear_config()
+def codec_config_from_record(record, where: str) -> codec_lib.CodecConfig:
+  """The CodecConfig in a checkpoint's `config` item (`model.codec`)."""
   try:
-    train.parse_gin([path], [])
-    model = gin.query_parameter('train.model').scoped_configurable_fn()
-  except Exception as e:  # gin raises many types, all user-facing here.
-    raise ValueError(f'cannot read train.model from {path}: {_line(e)}') from e
-  finally:
-    gin.clear_config()
-  if not isinstance(model, step_lib.StepConfig):
-    raise ValueError(f'{path}: train.model is not a step.StepConfig')
-  return model.codec
-
-
-def restore_params(checkpoint_dir: str, step: int | None = None):
-  """(generator parameters, step) of a checkpoint; the newest by default.
-
-  Restores only the parameters' EMA (what the trainer evaluates), or the
-  raw parameters for a state without one, onto the host as numpy.
-  """
-  if not os.path.isdir(checkpoint_dir):
-    raise ValueError(f'no checkpoints folder: {checkpoint_dir}')
-  manager = ocp.CheckpointManager(
-    checkpoint_dir,
-    options=ocp.CheckpointManagerOptions(read_only=True),
-    item_handlers={
-      'state': ocp.PyTreeCheckpointHandler(),
-      'data': grain.checkpoint.CheckpointHandler(),
-      'config': ocp.JsonCheckpointHandler(),
-    },
-  )
+    values = record['model']['codec']
+  except (KeyError, TypeError) as e:
+    raise ValueError(f'{where} records no model.codec config') from e
   try:
-    steps = manager.all_steps()
-    if not steps:
-      raise ValueError(f'no checkpoints in {checkpoint_dir}')
-    step = max(steps) if step is None else step
-    if step not in steps:
-      raise ValueError(
-        f'no checkpoint for step {step} in {checkpoint_dir}; '
-        f'there are {sorted(steps)}'
-      )
-    try:
-      tree = manager.item_metadata(step)['state']
-      name = 'ema_params' if 'ema_params' in tree else 'params'
-      item = {name: tree[name]}
-      restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-          state=ocp.args.PyTreeRestore(
-            item=item,
-            restore_args=jax.tree.map(
-              lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item
-            ),
-            partial_restore=True,
-          )
-        ),
-      )
-    except Exception as e:  # Orbax raises many types for unreadable data.
-      raise ValueError(
-        f'checkpoint {step} in {checkpoint_dir} cannot be read: {_line(e)}'
-      ) from e
-  finally:
-    manager.close()
-  return restored.state[name], step
-
-
-def _line(e: BaseException) -> str:
-  text = str(e).strip()
-  return text.splitlines()[0] if text else type(e).__name__
+    return model_dir_lib.config_from_dict(values)
+  except ValueError as e:
+    raise ValueError(f'{where}: {e}') from e
 
 
 # StableHLO artifacts --------------------------------------------------------
@@ -269,28 +198,17 @@ def export_model(
   _check_out_dir(out_dir, overwrite)
   functions = _exported_functions(codec, block_frames, platforms)
 
-  def build(tmp: str) -> str:
-    enc, snd = (
-      os.path.join(tmp, name)
-      for name in (weights.ENCODER_FILE, weights.SOUNDSTREAM_FILE)
-    )
-    weights.save_official(codec.params, tmp)
-    model_id = model_dir_lib.files_model_id(enc, snd)
-    hlo_dir = os.path.join(tmp, STABLEHLO_DIR)
-    os.mkdir(hlo_dir)
+  with files.atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    model_id = model_dir_lib.write(str(tmp), codec.params, c, step, _dumps)
+    hlo_dir = tmp / STABLEHLO_DIR
+    hlo_dir.mkdir()
     manifest = _manifest(functions, model_id)
     for name, (*_, exported) in functions.items():
-      path = os.path.join(hlo_dir, manifest['functions'][name]['file'])
-      with open(path, 'wb') as f:
-        f.write(exported.serialize())
-    _write_json(os.path.join(hlo_dir, MANIFEST_FILE), manifest)
-    _write_json(
-      os.path.join(tmp, model_dir_lib.CONFIG_FILE),
-      model_dir_lib.model_config(c, model_id, step),
-    )
-    return model_id
-
-  return _build_atomically(out_dir, overwrite, build)
+      (hlo_dir / manifest['functions'][name]['file']).write_bytes(
+        exported.serialize()
+      )
+    _write_json(hlo_dir / MANIFEST_FILE, manifest)
+  return model_id
 
 
 def _write_json(path: str, value: Any) -> None:
@@ -325,49 +243,21 @@ def _check_out_dir(out_dir: str, overwrite: bool) -> None:
       raise ValueError(f'{out_dir} is not empty; pass --overwrite to replace')
 
 
-def _build_atomically(
-  out_dir: str, overwrite: bool, build: Callable[[str], str]
-) -> str:
-  _check_out_dir(out_dir, overwrite)  # Again: time passed since the first.
-  parent, name = os.path.split(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f'.{name}.tmp-', dir=parent)
-  try:
-    result = build(tmp)
-    # mkdtemp and safetensors create owner-only files; a model is shared.
-    for root, dirs, files in os.walk(tmp):
-      for d in dirs:
-        os.chmod(os.path.join(root, d), 0o755)
-      for f in files:
-        os.chmod(os.path.join(root, f), 0o644)
-    os.chmod(tmp, 0o755)
-    if os.path.exists(out_dir):
-      old = f'{tmp}-old'
-      os.rename(out_dir, old)
-      os.rename(tmp, out_dir)
-      shutil.rmtree(old)
-    else:
-      os.rename(tmp, out_dir)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-  return result
-
-
 def export_workdir(
   workdir: str, out_dir: str, *, step: int | None = None, **kwargs
 ) -> tuple[str, int]:
   """A training workdir -> a model directory; (model_id, step exported)."""
   if not os.path.isdir(workdir):
     raise ValueError(f'no such workdir: {workdir}')
-  gin_path = os.path.join(workdir, 'config.gin')
-  config = codec_config_from_gin(gin_path)
-  params, step = restore_params(os.path.join(workdir, 'checkpoints'), step)
+  params, record, step = checkpoint.restore_for_export(
+    os.path.join(workdir, 'checkpoints'), step
+  )
+  where = f'checkpoint {step} of {workdir}'
+  config = codec_config_from_record(record, where)
   try:
     codec = inference.Codec(params, config)
   except ValueError as e:
-    raise ValueError(
-      f'checkpoint {step} does not fit the CodecConfig of {gin_path}'
-    ) from e
+    raise ValueError(f'{where} does not fit its recorded CodecConfig') from e
   return export_model(codec, out_dir, step=step, **kwargs), step
 
 
@@ -380,7 +270,7 @@ def _parser() -> argparse.ArgumentParser:
     description='Turns a spectrostream-train workdir into a model directory.',
   )
   parser.add_argument(
-    '--workdir', required=True, help='training run (config.gin, checkpoints/)'
+    '--workdir', required=True, help='training run (its checkpoints/)'
   )
   parser.add_argument('--out', required=True, help='model directory to write')
   parser.add_argument(

@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from spectrostream_jax import checkpoint
-from spectrostream_jax import sharding
+from spectrostream_jax.training import checkpoint
+from spectrostream_jax.training import sharding
 
 
 def make_state(seed: int = 0) -> dict:

@@ -19,11 +19,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from spectrostream_jax import sharding
-from spectrostream_jax import step
-from spectrostream_jax import train
 from spectrostream_jax.models import codec
 from spectrostream_jax.models import discriminator
+from spectrostream_jax.training import sharding
+from spectrostream_jax.training import step
+from spectrostream_jax.training import train
 
 FAST_COMPILE = {'xla_backend_optimization_level': 0}
 MODEL = step.StepConfig(

@@ -3,7 +3,7 @@
 import numpy as np
 from tensorboardX import SummaryWriter
 
-from spectrostream_jax import curves
+from spectrostream_jax.training import curves
 
 
 def test_read_scalars_and_plot(tmp_path):

@@ -14,12 +14,12 @@ import dataclasses
 import numpy as np
 import pytest
 
-from spectrostream_jax import diagnostics
 from spectrostream_jax import losses
-from spectrostream_jax import step
 from spectrostream_jax.data import synthetic
 from spectrostream_jax.models import codec
 from spectrostream_jax.models import discriminator
+from spectrostream_jax.training import diagnostics
+from spectrostream_jax.training import step
 
 DISC = discriminator.DiscriminatorConfig(
   windows=(256, 512),

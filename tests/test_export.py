@@ -6,6 +6,7 @@ two-step training run is exported through the console script and its
 weights are the checkpoint's parameter EMA.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -24,6 +26,7 @@ from spectrostream_jax import export
 from spectrostream_jax import model_dir as model_dir_lib
 from spectrostream_jax import weights
 from spectrostream_jax.models import codec as codec_lib
+from spectrostream_jax.training import checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FRAMES = 4
@@ -38,7 +41,7 @@ TRAIN_ARGS = (
   '--gin.discriminator.DiscriminatorConfig.strides=((1, 2), (1, 2))',
   '--gin.pipeline.PipelineConfig.batch_size=2',
   '--gin.transforms.AudioConfig.crop_samples=7680',
-  # Not the tiny preset, so the config must come from config.gin.
+  # Not the tiny preset, so the config must come from the checkpoint.
   '--gin.quantizer.QuantizerConfig.codebook_size=8',
   '--gin.train.eval_kbps=(0.15, 0.3, 0.6)',
   '--gin.train.log_grad_norms=False',
@@ -135,6 +138,7 @@ STANDALONE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_stablehlo_runs_without_our_code(codec, model_dir, tmp_path):
   manifest = json.loads((model_dir / 'stablehlo' / 'manifest.json').read_text())
   assert manifest['model_id'] == codec.model_id
@@ -208,13 +212,98 @@ def test_bad_block_frames(codec, tmp_path, frames, match):
   assert not (tmp_path / 'm').exists()
 
 
-def test_unreadable_gin_config(tmp_path):
-  bad = tmp_path / 'config.gin'
-  bad.write_text('train_script.train.model = (\n')
-  with pytest.raises(ValueError, match='cannot read train.model'):
-    export.codec_config_from_gin(str(bad))
-  with pytest.raises(ValueError, match='no such gin config'):
-    export.codec_config_from_gin(str(tmp_path / 'nope.gin'))
+def save_run(workdir, params, records: dict) -> None:
+  """A workdir whose checkpoint at each step holds `records[step]`."""
+  ckpt = checkpoint.Checkpointer(
+    str(workdir / 'checkpoints'),
+    checkpoint.CheckpointConfig(
+      every=1, keep=len(records), best_metric=None, async_save=False
+    ),
+  )
+  data = iter(grain.MapDataset.range(8).to_iter_dataset())
+  for step, record in records.items():
+    state = {
+      'params': params,
+      'ema_params': jax.tree.map(lambda x, s=step: x * s, params),
+    }
+    assert ckpt.save(step, state, data, record, force=True)
+  ckpt.close()
+
+
+def run_record(config: codec_lib.CodecConfig) -> dict:
+  """What the trainer records: asdict of its StepConfig, codec inside."""
+  return {'gin': '', 'model': {'codec': dataclasses.asdict(config)}}
+
+
+def test_exports_the_config_each_checkpoint_recorded(codec, tmp_path):
+  """A run resumed with other bindings records them with its own saves;
+  each step exports with the config it was saved under."""
+  resumed = dataclasses.replace(codec.config, lookahead=2)
+  save_run(
+    tmp_path / 'run',
+    codec.params,
+    {1: run_record(codec.config), 2: run_record(resumed)},
+  )
+  for step, config in ((1, codec.config), (None, resumed)):
+    out = tmp_path / f'step{step}'
+    _, exported = export.export_workdir(
+      str(tmp_path / 'run'),
+      str(out),
+      step=step,
+      block_frames=(4,),
+      platforms=('cpu',),
+    )
+    loaded = Codec.load(str(out))
+    assert loaded.config == config
+    for key, value in weights.flatten(loaded.params).items():
+      want = weights.flatten(codec.params)[key] * exported
+      np.testing.assert_allclose(value, want, rtol=1e-6)
+
+
+def test_importing_export_leaves_the_trainer_out():
+  code = (
+    'import sys, spectrostream_jax.export; '
+    "print(sorted(m for m in sys.modules if m == 'gin' or "
+    "m.startswith('spectrostream_jax.training.')))"
+  )
+  out = subprocess.run(
+    [sys.executable, '-c', code], capture_output=True, text=True, check=True
+  ).stdout.strip()
+  assert out == "['spectrostream_jax.training.checkpoint']"
+
+
+@pytest.mark.parametrize(
+  'record,match',
+  [
+    ({'gin': ''}, 'records no model.codec config'),
+    ({'model': {'codec': {'colour': 1}}}, r"unknown fields \['colour'\]"),
+    (
+      {'model': {'codec': {'num_channels': 1}}},
+      'does not fit its recorded CodecConfig',
+    ),
+  ],
+)
+def test_bad_recorded_config(codec, tmp_path, record, match):
+  save_run(tmp_path / 'run', codec.params, {1: record})
+  with pytest.raises(ValueError, match=match):
+    export.export_workdir(str(tmp_path / 'run'), str(tmp_path / 'm'))
+  assert not (tmp_path / 'm').exists()
+
+
+@pytest.mark.parametrize(
+  'args,match',
+  [
+    (['--workdir={tmp}/nope', '--out={tmp}/m'], 'no such workdir'),
+    (['--workdir={tmp}', '--out={tmp}/m'], 'no checkpoints folder'),
+  ],
+)
+def test_cli_errors_without_a_run(tmp_path, args, match):
+  args = [a.format(tmp=tmp_path) for a in args]
+  with pytest.raises(SystemExit) as e:
+    export.main(args)
+  assert e.value.code == f'spectrostream-export: error: {match}: ' + (
+    f'{tmp_path}/nope' if 'nope' in args[0] else f'{tmp_path}/checkpoints'
+  )
 
 
 # Model directories written by hand -------------------------------------------
@@ -369,6 +458,7 @@ def checkpoint_state(workdir, step):
   )
 
 
+@pytest.mark.slow
 def test_exports_the_ema_of_a_training_run(workdir, tmp_path):
   script = pathlib.Path(sys.executable).with_name('spectrostream-export')
   out = tmp_path / 'model'
@@ -421,11 +511,10 @@ def test_exports_the_ema_of_a_training_run(workdir, tmp_path):
     np.testing.assert_array_equal(value, ema1[key])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   'args,match',
   [
-    (['--workdir={tmp}/nope', '--out={tmp}/m'], 'no such workdir'),
-    (['--workdir={tmp}', '--out={tmp}/m'], 'no such gin config'),
     (['--workdir={run}', '--out={tmp}/m', '--step=9'], 'no checkpoint for'),
     (['--workdir={run}', '--out={run}'], 'not empty'),
     (['--workdir={run}', '--out={tmp}/m', '--block_frames=1'], 'ints > 1'),

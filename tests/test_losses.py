@@ -11,9 +11,9 @@ import pytest
 import gin
 from spectrostream_jax import losses
 from spectrostream_jax import signal
-from spectrostream_jax import train
 from spectrostream_jax.models import discriminator as disc
 from spectrostream_jax.models import quantizer as rvq
+from spectrostream_jax.training import train
 
 SR = 48_000
 

@@ -9,8 +9,8 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
-from spectrostream_jax import sharding
 from spectrostream_jax.models import quantizer as rvq
+from spectrostream_jax.training import sharding
 
 CFG = rvq.QuantizerConfig(num_levels=4, codebook_size=16, dim=8)
 

@@ -8,10 +8,10 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
-from spectrostream_jax import optim
-from spectrostream_jax import sharding
-from spectrostream_jax import step
 from spectrostream_jax.models import codec
+from spectrostream_jax.training import optim
+from spectrostream_jax.training import sharding
+from spectrostream_jax.training import step
 
 
 def test_mesh_shapes():

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 
 from spectrostream_jax import losses
-from spectrostream_jax import optim
-from spectrostream_jax import state as state_lib
-from spectrostream_jax import step
 from spectrostream_jax.data import synthetic
 from spectrostream_jax.models import codec
 from spectrostream_jax.models import discriminator
+from spectrostream_jax.training import optim
+from spectrostream_jax.training import state as state_lib
+from spectrostream_jax.training import step
 
 FAST_COMPILE = {'xla_backend_optimization_level': 0}
 DISC = discriminator.DiscriminatorConfig(

@@ -28,10 +28,10 @@ from tensorboardX.proto import event_pb2
 
 import gin
 from spectrostream_jax import losses
-from spectrostream_jax import step
-from spectrostream_jax import train
 from spectrostream_jax.data import pipeline
 from spectrostream_jax.models import codec
+from spectrostream_jax.training import step
+from spectrostream_jax.training import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 4
@@ -188,6 +188,7 @@ def assert_params_close(a, b, rtol, atol):
     np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
 
 
+@pytest.mark.slow
 def test_same_numbers_on_1_and_8_devices_and_2_processes(tmp_path, cache):
   """Also: the 8-device run's checkpoints, events and operative config."""
   eight = start(
@@ -271,6 +272,7 @@ def test_same_numbers_on_1_and_8_devices_and_2_processes(tmp_path, cache):
   assert 'eval at step 4' in log
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_the_uninterrupted_run(tmp_path, cache):
   every_step = ['--gin.checkpoint.CheckpointConfig.every=1']
   finish(start(tmp_path / 'reference', cache))
@@ -297,6 +299,7 @@ def test_resume_after_kill_matches_the_uninterrupted_run(tmp_path, cache):
       np.testing.assert_array_equal(x, y, err_msg=name)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_0(cache, tmp_path):
   workdir = tmp_path / 'sigterm'
   proc = start(

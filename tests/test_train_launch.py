@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import gin
-from spectrostream_jax import train
+from spectrostream_jax.training import train
 
 LAUNCH = pathlib.Path(__file__).resolve().parents[1] / 'launch'
 sweep = runpy.run_path(str(LAUNCH / 'sweep.py'))

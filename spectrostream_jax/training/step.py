@@ -43,12 +43,12 @@ import jax.numpy as jnp
 import optax
 
 from spectrostream_jax import losses
-from spectrostream_jax import optim
-from spectrostream_jax import sharding
-from spectrostream_jax import state as train_state
 from spectrostream_jax.models import codec as codec_lib
 from spectrostream_jax.models import discriminator as disc_lib
 from spectrostream_jax.models import quantizer as rvq
+from spectrostream_jax.training import optim
+from spectrostream_jax.training import sharding
+from spectrostream_jax.training import state as train_state
 
 
 @dataclasses.dataclass(frozen=True)

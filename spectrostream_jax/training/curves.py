@@ -1,6 +1,7 @@
-"""Training curves from a run's TensorBoard events, without TensorFlow.
+r"""Training curves from a run's TensorBoard events, without TensorFlow.
 
-    python -m spectrostream_jax.curves --workdir /tmp/run --out curves.png
+    python -m spectrostream_jax.training.curves --workdir /tmp/run \
+        --out curves.png
 
 Reads the scalar summaries that `spectrostream-train` logs (TFRecord files
 of `Event` protos, parsed with tensorboardX's own proto classes) and plots

@@ -22,7 +22,7 @@ import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from spectrostream_jax import optim
+from spectrostream_jax.training import optim
 
 # Mesh axes, and the axes a batch is split over.
 AXES = ('data', 'fsdp')

@@ -1,9 +1,9 @@
 r"""What a recipe's losses see: calibration copies and gradient shares.
 
-    python -m spectrostream_jax.diagnostics calibrate \
+    python -m spectrostream_jax.training.diagnostics calibrate \
         --gin_file=experiments/small_debian.gin [--gin_file=recipes/X.gin] \
         [--disc_steps=100] [--out=report.json]
-    python -m spectrostream_jax.diagnostics memorise \
+    python -m spectrostream_jax.training.diagnostics memorise \
         --gin_file=experiments/small_debian.gin [--steps=400] [--crops=1]
 
 `calibrate` takes one batch of the experiment's training data, x, and
@@ -48,11 +48,11 @@ import gin
 from spectrostream_jax import files
 from spectrostream_jax import losses
 from spectrostream_jax import signal
-from spectrostream_jax import step as step_lib
-from spectrostream_jax import train
 from spectrostream_jax.data import pipeline
 from spectrostream_jax.models import codec as codec_lib
 from spectrostream_jax.models import discriminator as disc_lib
+from spectrostream_jax.training import step as step_lib
+from spectrostream_jax.training import train
 
 
 def calibration_copies(
@@ -203,7 +203,9 @@ def memorise(
     for name, rec in recs.items():
       ref, rec = losses.trim(x, rec, skip)
       out[f'si_sdr/{name}'] = jnp.mean(losses.si_sdr(ref, rec))
-      out[f'mel_distance/{name}'] = jnp.mean(losses.mel_distance(ref, rec))
+      out[f'mel_distance/{name}'] = jnp.mean(
+        losses.mel_distance(ref, rec, config.loss.mel)
+      )
     return out
 
   curve = []

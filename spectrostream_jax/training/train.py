@@ -34,13 +34,14 @@ import jax.numpy as jnp
 import numpy as np
 
 import gin
-from spectrostream_jax import checkpoint as checkpoint_lib
-from spectrostream_jax import sharding
-from spectrostream_jax import state as train_state
-from spectrostream_jax import step as step_lib
-from spectrostream_jax import train_logging
+from spectrostream_jax import files
 from spectrostream_jax.data import pipeline
 from spectrostream_jax.models import quantizer as rvq
+from spectrostream_jax.training import checkpoint as checkpoint_lib
+from spectrostream_jax.training import sharding
+from spectrostream_jax.training import state as train_state
+from spectrostream_jax.training import step as step_lib
+from spectrostream_jax.training import train_logging
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory.', required=True)
 _GIN_FILES = flags.DEFINE_multi_string(
@@ -60,7 +61,8 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Process count.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process.')
 
-PACKAGE_DIR = str(pathlib.Path(__file__).resolve().parent)
+# The package root: our own log lines come from anywhere under it.
+PACKAGE_DIR = str(pathlib.Path(__file__).resolve().parents[1])
 GIN_DIR = pathlib.Path(PACKAGE_DIR).parent / 'gin'
 
 
@@ -106,7 +108,9 @@ def train(
     raise ValueError('eval_every > 0 needs eval_data')
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    pathlib.Path(workdir, 'config.gin').write_text(gin.operative_config_str())
+    files.write_atomic(
+      os.path.join(workdir, 'config.gin'), gin.operative_config_str()
+    )
 
   # ---------------------------------------------------------------- Mesh
   device_mesh = sharding.make_mesh(mesh)
@@ -173,125 +177,131 @@ def train(
   ckpt = checkpoint_lib.Checkpointer(
     os.path.join(workdir, 'checkpoints'), checkpoint
   )
-  restored = ckpt.restore(abstract, train_iter)
-  if restored is None:
-    state = jax.jit(init, out_shardings=state_sharding)(seed)
-    first_step = 0
-  else:
-    state, first_step = restored
-  record = {
-    'gin': gin.operative_config_str(),
-    'model': dataclasses.asdict(model),
-    'data': repr(data),
-  }
+  # Closed on any exit: pending saves finish, the SIGTERM handler goes back.
+  try:
+    restored = ckpt.restore(abstract, train_iter)
+    if restored is None:
+      state = jax.jit(init, out_shardings=state_sharding)(seed)
+      first_step = 0
+    else:
+      state, first_step = restored
+    record = {
+      'gin': gin.operative_config_str(),
+      'model': dataclasses.asdict(model),
+      'data': repr(data),
+    }
 
-  # ---------------------------------------------------------------- Step
-  programs = jit_programs(
-    model, device_mesh, processes, state_sharding, levels, audio_examples
-  )
-  warmup_steps = model.warmup_steps
-  start = time.perf_counter()
-  train_step = programs.train_step.lower(abstract, batch_shape).compile()
-  compile_seconds = time.perf_counter() - start
-  check_collective_order(train_step, 'the train step')
-  warmup_step = None
-  if first_step < warmup_steps:
-    warmup_step = programs.warmup_step.lower(abstract, batch_shape).compile()
-    check_collective_order(warmup_step, 'the warm-up step')
-  memory = train_step.memory_analysis()
-  cost = train_step.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  logging.info(
-    'step compiled in %.1f s: %.3g GFLOP; per device: arguments %.1f MiB, '
-    'outputs %.1f MiB, temporaries %.1f MiB',
-    compile_seconds,
-    float(cost.get('flops', 0.0)) / 1e9,
-    memory.argument_size_in_bytes / 2**20,
-    memory.output_size_in_bytes / 2**20,
-    memory.temp_size_in_bytes / 2**20,
-  )
-  if warmup_steps:
+    # ---------------------------------------------------------------- Step
+    programs = jit_programs(
+      model, device_mesh, processes, state_sharding, levels, audio_examples
+    )
+    warmup_steps = model.warmup_steps
+    start = time.perf_counter()
+    train_step = programs.train_step.lower(abstract, batch_shape).compile()
+    compile_seconds = time.perf_counter() - start
+    check_collective_order(train_step, 'the train step')
+    warmup_step = None
+    if first_step < warmup_steps:
+      warmup_step = programs.warmup_step.lower(abstract, batch_shape).compile()
+      check_collective_order(warmup_step, 'the warm-up step')
+    memory = train_step.memory_analysis()
+    cost = train_step.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
     logging.info(
-      'steps 1-%d: reconstruction-only warm-up; k-means and the GAN from '
-      'step %d',
-      warmup_steps,
-      warmup_steps + 1,
+      'step compiled in %.1f s: %.3g GFLOP; per device: arguments %.1f MiB, '
+      'outputs %.1f MiB, temporaries %.1f MiB',
+      compile_seconds,
+      float(cost.get('flops', 0.0)) / 1e9,
+      memory.argument_size_in_bytes / 2**20,
+      memory.output_size_in_bytes / 2**20,
+      memory.temp_size_in_bytes / 2**20,
     )
-
-  # ---------------------------------------------------------------- Loop
-  writer = train_logging.Writer(os.path.join(workdir, 'tensorboard'))
-  writer.scalars(first_step, {'perf/compile_seconds': compile_seconds})
-  progress = train_logging.Progress(first_step, num_steps)
-  skips = collections.Counter()
-  skipped = 0
-  # A replicated scalar: every process reads the same value, no collective.
-  needs_codebooks = not bool(jax.device_get(state.codebooks.initialized))
-  for step in range(first_step + 1, num_steps + 1):
-    batch = next(train_iter)
-    skips.update(pipeline.skip_counts(batch))  # This process's share.
-    batch = global_audio(batch)
-    warmup = step <= warmup_steps
-    if needs_codebooks and not warmup:
-      state = programs.init_codebooks(state, batch)
-      needs_codebooks = False
-    logging_step = step % log_every == 0 or step in (first_step + 1, num_steps)
-    grad_norms = {}
-    if logging_step and log_grad_norms:
-      norms = programs.warmup_norms if warmup else programs.gradient_norms
-      grad_norms = norms(state, batch)
-    state, metrics = (warmup_step if warmup else train_step)(state, batch)
-    progress.update(step)
-
-    if logging_step:
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      grad_norms = jax.device_get(grad_norms)
-      metrics.update({k: float(v) for k, v in grad_norms.items()})
-      shown = ('g/mel', 'g/phase', 'g/adv', 'g/feat', 'd/loss', 'vq/commit')
-      rate = progress.report(
-        step, {k: metrics[k] for k in shown if k in metrics}
+    if warmup_steps:
+      logging.info(
+        'steps 1-%d: reconstruction-only warm-up; k-means and the GAN from '
+        'step %d',
+        warmup_steps,
+        warmup_steps + 1,
       )
-      metrics['perf/steps_per_second'] = rate
-      metrics['perf/audio_seconds_per_second'] = rate * audio_seconds
-      metrics.update({f'data/skips/{r}': float(n) for r, n in skips.items()})
-      if metrics['train/skipped'] > skipped:
-        skipped = int(metrics['train/skipped'])
-        logging.warning(
-          'step %d: %d updates skipped so far (non-finite loss or gradient)',
-          step,
-          skipped,
+
+    # ---------------------------------------------------------------- Loop
+    writer = train_logging.Writer(os.path.join(workdir, 'tensorboard'))
+    writer.scalars(first_step, {'perf/compile_seconds': compile_seconds})
+    progress = train_logging.Progress(first_step, num_steps)
+    skips = collections.Counter()
+    skipped = 0
+    # A replicated scalar: every process reads the same value, no collective.
+    needs_codebooks = not bool(jax.device_get(state.codebooks.initialized))
+    for step in range(first_step + 1, num_steps + 1):
+      batch = next(train_iter)
+      skips.update(pipeline.skip_counts(batch))  # This process's share.
+      batch = global_audio(batch)
+      warmup = step <= warmup_steps
+      if needs_codebooks and not warmup:
+        state = programs.init_codebooks(state, batch)
+        needs_codebooks = False
+      logging_step = step % log_every == 0 or step in (
+        first_step + 1,
+        num_steps,
+      )
+      grad_norms = {}
+      if logging_step and log_grad_norms:
+        norms = programs.warmup_norms if warmup else programs.gradient_norms
+        grad_norms = norms(state, batch)
+      state, metrics = (warmup_step if warmup else train_step)(state, batch)
+      progress.update(step)
+
+      if logging_step:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        grad_norms = jax.device_get(grad_norms)
+        metrics.update({k: float(v) for k, v in grad_norms.items()})
+        shown = ('g/mel', 'g/phase', 'g/adv', 'g/feat', 'd/loss', 'vq/commit')
+        rate = progress.report(
+          step, {k: metrics[k] for k in shown if k in metrics}
         )
-      writer.scalars(step, metrics)
+        metrics['perf/steps_per_second'] = rate
+        metrics['perf/audio_seconds_per_second'] = rate * audio_seconds
+        metrics.update({f'data/skips/{r}': float(n) for r, n in skips.items()})
+        if metrics['train/skipped'] > skipped:
+          skipped = int(metrics['train/skipped'])
+          logging.warning(
+            'step %d: %d updates skipped so far (non-finite loss or gradient)',
+            step,
+            skipped,
+          )
+        writer.scalars(step, metrics)
 
-    eval_metrics = None
-    if eval_every and (step % eval_every == 0 or step == num_steps):
-      eval_metrics = _evaluate(
-        programs.evaluate,
-        state.ema_params,
-        held_out,
-        eval_kbps,
-        codec,
-        writer,
+      eval_metrics = None
+      if eval_every and (step % eval_every == 0 or step == num_steps):
+        eval_metrics = _evaluate(
+          programs.evaluate,
+          state.ema_params,
+          held_out,
+          eval_kbps,
+          codec,
+          writer,
+          step,
+        )
+        progress.restart_clock()
+      preempted = ckpt.reached_preemption(step)
+      ckpt.save(
         step,
+        state,
+        train_iter,
+        record,
+        metrics=eval_metrics,
+        force=preempted or eval_metrics is not None or step == num_steps,
       )
-      progress.restart_clock()
-    preempted = ckpt.reached_preemption(step)
-    ckpt.save(
-      step,
-      state,
-      train_iter,
-      record,
-      metrics=eval_metrics,
-      force=preempted or eval_metrics is not None or step == num_steps,
-    )
-    if preempted:
-      logging.warning('stopping at step %d after a preemption notice', step)
-      break
+      if preempted:
+        logging.warning('stopping at step %d after a preemption notice', step)
+        break
 
-  # ---------------------------------------------------------------- Cleanup
-  progress.close()
-  ckpt.close()
-  writer.close()
-  return state
+    # ---------------------------------------------------------------- Cleanup
+    progress.close()
+    writer.close()
+    return state
+  finally:
+    ckpt.close()
 
 
 class Programs(NamedTuple):
@@ -514,7 +524,9 @@ def run() -> None:
   # Gin files import this module by name; under `python -m` it is __main__
   # and must not be imported (and its flags defined) a second time. (The
   # operative config then says `__main__.train`.)
-  sys.modules.setdefault('spectrostream_jax.train', sys.modules[__name__])
+  sys.modules.setdefault(
+    'spectrostream_jax.training.train', sys.modules[__name__]
+  )
   jax.config.config_with_absl()
   app.run(main, argv=gin_shorthand(sys.argv))
 

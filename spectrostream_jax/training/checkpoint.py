@@ -2,9 +2,11 @@
 
 A checkpoint holds three items: `state` (the sharded TrainState), `data`
 (each process's grain iterator position, so a resumed run sees exactly
-the batches an uninterrupted run would) and `config` (the operative gin
-config, for the record). Saves run in the background every `every` steps
-and whenever the loop asks (eval steps, the last step, preemption).
+the batches an uninterrupted run would) and `config` (a JSON record of
+the operative gin config and the model config as of that save: a run
+resumed with other bindings records its own). Saves run in the
+background every `every` steps and whenever the loop asks (eval steps,
+the last step, preemption).
 The newest `keep` checkpoints are kept, plus the one with the best eval
 metric. Restoring takes the target shardings from the abstract state, so
 a run resumes on a different mesh; a latest checkpoint that cannot be
@@ -12,15 +14,18 @@ read (a truncated file after a crash) is skipped with a warning and the
 one before it is used.
 
 Every process calls every method: Orbax synchronises the processes.
+`restore_for_export` reads one checkpoint on its own, for `export`.
 """
 
 import dataclasses
+import os
 import signal
 from typing import Any
 
 from absl import logging
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -144,3 +149,62 @@ class Checkpointer:
     if self._previous_handler is not None:
       signal.signal(signal.SIGTERM, self._previous_handler)
       self._previous_handler = None
+
+
+def restore_for_export(
+  directory: str, step: int | None = None
+) -> tuple[Any, dict[str, Any], int]:
+  """(generator params as numpy, the saved `config` record, step).
+
+  Reads one checkpoint without the trainer: the EMA of the generator's
+  parameters (what the trainer evaluates; the raw parameters for a state
+  without one) and the `config` item the run saved with it, whose
+  `model.codec` is the CodecConfig that step trained. The newest step by
+  default. A user-facing failure is a ValueError with one line.
+  """
+  if not os.path.isdir(directory):
+    raise ValueError(f'no checkpoints folder: {directory}')
+  manager = ocp.CheckpointManager(
+    directory,
+    options=ocp.CheckpointManagerOptions(read_only=True),
+    item_handlers={
+      'state': ocp.PyTreeCheckpointHandler(),
+      'data': grain.checkpoint.CheckpointHandler(),
+      'config': ocp.JsonCheckpointHandler(),
+    },
+  )
+  try:
+    steps = manager.all_steps()
+    if not steps:
+      raise ValueError(f'no checkpoints in {directory}')
+    step = max(steps) if step is None else step
+    if step not in steps:
+      raise ValueError(
+        f'no checkpoint for step {step} in {directory}; '
+        f'there are {sorted(steps)}'
+      )
+    try:
+      tree = manager.item_metadata(step)['state']
+      name = 'ema_params' if 'ema_params' in tree else 'params'
+      item = {name: tree[name]}
+      restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(
+            item=item,
+            restore_args=jax.tree.map(
+              lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item
+            ),
+            partial_restore=True,
+          ),
+          config=ocp.args.JsonRestore(),
+        ),
+      )
+    except Exception as e:  # Orbax raises many types for unreadable data.
+      raise ValueError(
+        f'checkpoint {step} in {directory} cannot be read: '
+        f'{files.first_line(e)}'
+      ) from e
+  finally:
+    manager.close()
+  return restored.state[name], restored.config, step
