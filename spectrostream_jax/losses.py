@@ -83,7 +83,8 @@ class LossConfig:
   mel: MelConfig = MelConfig()
   # Samples at the start of a reconstruction that no loss and no
   # discriminator sees: the first STFT hop is covered by one analysis
-  # frame only and cannot be reconstructed (docs/architecture.md).
+  # frame only and cannot be reconstructed (docs/architecture.md, "The
+  # model": the STFT row).
   skip_samples: int = 480
   # EnCodec's balancer: each term's gradient at x̂ is scaled to a norm
   # proportional to its weight (running norms with this decay).

@@ -1,4 +1,4 @@
-"""STFT, inverse STFT and mel filters of SpectroStream (docs/architecture.md).
+"""STFT, inverse STFT and mel filters (docs/architecture.md, "The model").
 
 The analysis is causal at frame level: frame t covers samples
 [hop·t, hop·t + frame) and the signal is zero-padded at the end only, so

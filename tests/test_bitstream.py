@@ -244,9 +244,11 @@ def test_describe():
   assert info['original_duration_seconds'] == pytest.approx(10.0)
 
 
-# Damaged files.
+# Damaged files. The every-byte loops are `slow`; the quick tier keeps the
+# production-file truncations and trailing bytes.
 
 
+@pytest.mark.slow
 def test_fuzz_byte_flips_small_file(tmp_path):
   """Every byte of the file, three different flips each."""
   path, codes = small_file(tmp_path)
@@ -261,6 +263,7 @@ def test_fuzz_byte_flips_small_file(tmp_path):
       assert assert_refused_or_same(bad, codes), (pos, xor)
 
 
+@pytest.mark.slow
 def test_fuzz_byte_flips_production_shape(tmp_path):
   """Every header, index and footer byte and samples all through 3 blocks."""
   path = tmp_path / 'prod.sps'
@@ -279,6 +282,7 @@ def test_fuzz_byte_flips_production_shape(tmp_path):
     assert assert_refused_or_same(bad, codes), pos
 
 
+@pytest.mark.slow
 def test_fuzz_many_bytes_at_once(tmp_path):
   path, codes = small_file(tmp_path)
   data = path.read_bytes()
@@ -292,6 +296,7 @@ def test_fuzz_many_bytes_at_once(tmp_path):
     assert_refused_or_same(bad, codes)
 
 
+@pytest.mark.slow
 def test_every_truncation_is_refused(tmp_path):
   path, _ = small_file(tmp_path)
   data = path.read_bytes()

@@ -139,7 +139,8 @@ def test_encoder_is_causal(tiny, t):
   y = x.copy()
   y[:, t:] = rng.uniform(-0.5, 0.5, y[:, t:].shape)
   ex, ey = (_apply(cfg, params, 'embed', v) for v in (x, y))
-  # Embedding m reads input samples <= 1920 m + 2399 (docs/architecture.md).
+  # Embedding m reads input samples <= 1920 m + 2399 (docs/architecture.md,
+  # "Causal and transposed convolutions").
   clean = [m for m in range(ex.shape[1]) if 1920 * m + 2399 < t]
   np.testing.assert_array_equal(ex[:, clean], ey[:, clean])
   first_dirty = len(clean)

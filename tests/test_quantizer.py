@@ -1,4 +1,4 @@
-"""RVQ inference and training behaviour (docs/architecture.md)."""
+"""RVQ inference and training (docs/architecture.md, "Quantizer training")."""
 
 import dataclasses
 

@@ -17,6 +17,7 @@ import os
 import sys
 from typing import Any, NoReturn
 
+from spectrostream_jax import channels
 from spectrostream_jax.data import arrayrecord
 from spectrostream_jax.data import debian
 from spectrostream_jax.data import index as index_lib
@@ -117,7 +118,7 @@ def _parser() -> _Parser:
   conv.add_argument('--sample-rate', type=int, default=build.sample_rate)
   conv.add_argument('--channels', type=int, default=2, choices=(1, 2))
   conv.add_argument(
-    '--channel-mode', default='downmix', choices=transforms.CHANNEL_MODES
+    '--channel-mode', default='downmix', choices=channels.CHANNEL_MODES
   )
   conv.add_argument(
     '--segment-seconds', type=float, default=build.segment_seconds

@@ -33,8 +33,6 @@ RUNTIME_REASONS = (
 )
 # Context read on each side of a crop that must be resampled, in seconds.
 RESAMPLE_MARGIN_SECONDS = 0.01
-# For data/cli.py, which offers them as --channel-mode choices.
-CHANNEL_MODES = channels.CHANNEL_MODES
 
 
 class CropError(Exception):

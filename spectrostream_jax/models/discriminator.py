@@ -105,8 +105,8 @@ def _activation(
 class ResidualUnit(nn.Module):
   """act → 3×3 → act → strided conv, plus pooled (projected) shortcut.
 
-  The same shape as the codec's encoder unit (docs/architecture.md), but
-  centred in time.
+  The same shape as the codec's encoder unit (docs/architecture.md, "The
+  model"), but centred in time.
   """
 
   features: int

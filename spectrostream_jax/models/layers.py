@@ -1,4 +1,8 @@
-"""Causal 2D convolutions and residual units (docs/architecture.md).
+"""Causal 2D convolutions and residual units.
+
+See docs/architecture.md, "Causal and transposed convolutions", and, for
+the streaming contract every layer here keeps, docs/streaming.md,
+"Per-layer contracts".
 
 Activations are NHWC with H = time and W = frequency. Time is causal at the
 granularity of the stride ("semicausal"): an output frame never sees input
