@@ -128,3 +128,20 @@ def test_sigterm_asks_to_stop(tmp_path):
 def test_bad_config_is_rejected():
   with pytest.raises(ValueError, match='best_mode'):
     checkpoint.CheckpointConfig(best_mode='lowest')
+
+
+def test_relative_directory(tmp_path, monkeypatch):
+  """A relative --workdir is fine; Orbax alone would refuse it."""
+  monkeypatch.chdir(tmp_path)
+  state, shardings = place({'params': make_state(2)}, sharding.MeshConfig())
+  ckpt = checkpointer('run/checkpoints')
+  assert ckpt.save(1, state, batches(), {'model': {'codec': {}}})
+  ckpt.close()
+  ckpt = checkpointer('run/checkpoints')
+  restored, step = ckpt.restore(abstract(state, shardings), batches())
+  ckpt.close()
+  assert step == 1
+  np.testing.assert_array_equal(restored['params']['w'], make_state(2)['w'])
+  params, record, step = checkpoint.restore_for_export('run/checkpoints')
+  assert step == 1 and record == {'model': {'codec': {}}}
+  np.testing.assert_array_equal(params['b'], make_state(2)['b'])

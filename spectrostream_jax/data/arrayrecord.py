@@ -181,6 +181,8 @@ class _ShardWriter:
     if self._writer is not None:
       self._writer.close()
     total = len(self.lengths)
+    # Not for atomicity (files.atomic_dir swaps the whole build in): a
+    # shard's name carries the shard count, known only now.
     for shard in range(total):
       final = (
         f'{self.name}-{self.split}.array_record-{shard:05d}-of-{total:05d}'

@@ -75,7 +75,10 @@ class Checkpointer:
       enable_async_checkpointing=config.async_save,
       cleanup_tmp_directories=True,
     )
-    self.manager = ocp.CheckpointManager(directory, options=options)
+    # Orbax wants absolute paths; a relative --workdir is a fine one.
+    self.manager = ocp.CheckpointManager(
+      os.path.abspath(directory), options=options
+    )
     self._sigterm = False
     self._previous_handler = None
     if jax.process_count() == 1:
@@ -165,7 +168,7 @@ def restore_for_export(
   if not os.path.isdir(directory):
     raise ValueError(f'no checkpoints folder: {directory}')
   manager = ocp.CheckpointManager(
-    directory,
+    os.path.abspath(directory),
     options=ocp.CheckpointManagerOptions(read_only=True),
     item_handlers={
       'state': ocp.PyTreeCheckpointHandler(),
