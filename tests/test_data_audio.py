@@ -9,6 +9,7 @@ from spectrostream_jax import channels
 from spectrostream_jax.data import loudness
 from spectrostream_jax.data import synthetic
 from spectrostream_jax.data import transforms
+from spectrostream_jax.models import codec as codec_lib
 
 SR = 48_000
 
@@ -106,6 +107,20 @@ def test_channels():
     channels.to_channels(x, 2, 'average')
   with pytest.raises(ValueError, match='1 or 2'):
     channels.to_channels(x, 6)
+
+
+def test_in_graph_channels_agree_and_refuse_surround():
+  """The model's own 1 <-> 2 conversion is `to_channels`' one; it refuses
+  what only `to_channels` may mix, rather than averaging 5.1 to mono."""
+  x = np.random.default_rng(0).standard_normal((7, 2)).astype(np.float32)
+  for have, want in ((2, 1), (1, 2), (2, 2), (1, 1)):
+    np.testing.assert_allclose(
+      codec_lib.match_channels(x[:, :have], want),
+      channels.to_channels(x[:, :have], want),
+      rtol=1e-6,
+    )
+  with pytest.raises(ValueError, match='channels.to_channels first'):
+    codec_lib.match_channels(np.zeros((7, 6), np.float32), 2)
 
 
 @pytest.mark.parametrize('rate', [8_000, 44_100, 96_000])

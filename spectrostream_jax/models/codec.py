@@ -150,11 +150,21 @@ class CodecConfig:
 
 
 def match_channels(wav: jax.Array, channels: int) -> jax.Array:
-  """[..., C] -> [..., channels]: mono duplicated, other counts averaged."""
-  if wav.shape[-1] == channels:
+  """[..., 1 or 2] -> [..., channels]: mono duplicated, stereo averaged.
+
+  The in-graph half of `channels.to_channels`, with the same result; more
+  than two channels are mixed to stereo there, before the model.
+  """
+  c = wav.shape[-1]
+  if c not in (1, 2) or channels not in (1, 2):
+    raise ValueError(
+      f'the model takes 1 or 2 channels, got {c} for {channels}; mix with '
+      'channels.to_channels first'
+    )
+  if c == channels:
     return wav
-  if wav.shape[-1] != 1:
-    wav = jnp.mean(wav, axis=-1, keepdims=True)
+  if c == 2:
+    return jnp.mean(wav, axis=-1, keepdims=True)
   return jnp.repeat(wav, channels, axis=-1)
 
 
