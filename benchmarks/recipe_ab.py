@@ -23,29 +23,21 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
 from spectrostream_jax import files
 from spectrostream_jax import losses
 from spectrostream_jax.evaluation import clips as clips_lib
 from spectrostream_jax.models import codec as codec_lib
 from spectrostream_jax.models import quantizer as rvq
+from spectrostream_jax.training import checkpoint
 from spectrostream_jax.training import curves
 
 KBPS = (1, 2, 4, 8, 16)
 
 
 def newest_ema_params(workdir: pathlib.Path):
-  folder = workdir / 'checkpoints'
-  step = max(int(p.name) for p in folder.iterdir() if p.name.isdigit())
-  path = folder / str(step) / 'state'
-  checkpointer = ocp.PyTreeCheckpointer()
-  tree = checkpointer.metadata(path).item_metadata.tree
-  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  state = checkpointer.restore(
-    path, args=ocp.args.PyTreeRestore(restore_args=args)
-  )
-  return step, jax.tree.map(jnp.asarray, state['ema_params'])
+  params, _, step = checkpoint.restore_for_export(str(workdir / 'checkpoints'))
+  return step, jax.tree.map(jnp.asarray, params)
 
 
 def initial_params(config, seed: int = 0):
