@@ -18,7 +18,6 @@ safetensors alone; docs/export.md describes the calling convention.
 
 import argparse
 from collections.abc import Sequence
-import json
 import os
 import sys
 from typing import Any
@@ -199,7 +198,7 @@ def export_model(
   functions = _exported_functions(codec, block_frames, platforms)
 
   with files.atomic_dir(out_dir, overwrite=overwrite) as tmp:
-    model_id = model_dir_lib.write(str(tmp), codec.params, c, step, _dumps)
+    model_id = model_dir_lib.write(str(tmp), codec.params, c, step)
     hlo_dir = tmp / STABLEHLO_DIR
     hlo_dir.mkdir()
     manifest = _manifest(functions, model_id)
@@ -207,32 +206,8 @@ def export_model(
       (hlo_dir / manifest['functions'][name]['file']).write_bytes(
         exported.serialize()
       )
-    _write_json(hlo_dir / MANIFEST_FILE, manifest)
+    (hlo_dir / MANIFEST_FILE).write_text(model_dir_lib.readable_json(manifest))
   return model_id
-
-
-def _write_json(path: str, value: Any) -> None:
-  with open(path, 'w') as f:
-    f.write(_dumps(value) + '\n')
-
-
-def _dumps(value: Any, indent: int = 0) -> str:
-  """JSON with one key a line but flat lists on one line, for reading."""
-  pad = '  ' * (indent + 1)
-  if isinstance(value, dict) and value:
-    lines = [
-      f'{pad}{json.dumps(k)}: {_dumps(v, indent + 1)}' for k, v in value.items()
-    ]
-  elif isinstance(value, list) and any(isinstance(v, dict) for v in value):
-    lines = [f'{pad}{_dumps(v, indent + 1)}' for v in value]
-  else:
-    return json.dumps(value)
-  body = ',\n'.join(lines) + '\n' + '  ' * indent
-  return (
-    ('{\n' if isinstance(value, dict) else '[\n')
-    + body
-    + ('}' if isinstance(value, dict) else ']')
-  )
 
 
 def _check_out_dir(out_dir: str, overwrite: bool) -> None:

@@ -158,7 +158,6 @@ def write(
   params,
   config: codec_lib.CodecConfig,
   step: int | None = None,
-  dumps=json.dumps,
 ) -> str:
   """Writes the weights and config.json into `directory`; the model id.
 
@@ -169,9 +168,32 @@ def write(
   model_id = files_model_id(enc, snd)
   files.write_atomic(
     os.path.join(directory, CONFIG_FILE),
-    dumps(model_config(config, model_id, step)) + '\n',
+    readable_json(model_config(config, model_id, step)),
   )
   return model_id
+
+
+def readable_json(value: Any) -> str:
+  """JSON text with one key a line but flat lists on one line."""
+  return _dumps(value) + '\n'
+
+
+def _dumps(value: Any, indent: int = 0) -> str:
+  pad = '  ' * (indent + 1)
+  if isinstance(value, dict) and value:
+    lines = [
+      f'{pad}{json.dumps(k)}: {_dumps(v, indent + 1)}' for k, v in value.items()
+    ]
+  elif isinstance(value, list) and any(isinstance(v, dict) for v in value):
+    lines = [f'{pad}{_dumps(v, indent + 1)}' for v in value]
+  else:
+    return json.dumps(value)
+  body = ',\n'.join(lines) + '\n' + '  ' * indent
+  return (
+    ('{\n' if isinstance(value, dict) else '[\n')
+    + body
+    + ('}' if isinstance(value, dict) else ']')
+  )
 
 
 def locate(directory: str) -> tuple[str, str, codec_lib.CodecConfig, Any]:
