@@ -14,7 +14,7 @@ The byte layout is documented in docs/bitstream.md.
   header, codes = bitstream.read('song.sps', expected_model_id=digest)
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 import dataclasses
 import math
 import operator
@@ -395,6 +395,10 @@ def write(path: str | os.PathLike, header: Header, codes: Any) -> Header:
   return writer.header
 
 
+# One model id, or several of which a file's must be one.
+ExpectedIds = bytes | Sequence[bytes] | None
+
+
 def _model_id_bytes(model_id: Any) -> bytes:
   if not isinstance(model_id, bytes | bytearray | memoryview):
     raise BitstreamError(
@@ -407,6 +411,14 @@ def _model_id_bytes(model_id: Any) -> bytes:
   return bytes(model_id)
 
 
+def _model_ids(value: Any) -> tuple[bytes, ...]:
+  if isinstance(value, list | tuple):
+    if not value:
+      raise BitstreamError('expected_model_id is an empty sequence')
+    return tuple(_model_id_bytes(v) for v in value)
+  return (_model_id_bytes(value),)
+
+
 class Reader:
   """Checks a file's header, index and footer on open; then reads blocks.
 
@@ -416,12 +428,16 @@ class Reader:
   """
 
   def __init__(
-    self, path: str | os.PathLike, expected_model_id: bytes | None = None
+    self,
+    path: str | os.PathLike,
+    expected_model_id: ExpectedIds = None,
   ):
+    """`expected_model_id`: refuse a file made by any other model (a
+    sequence: by none of these models)."""
     self.path = os.fspath(path)
     expected = None
     if expected_model_id is not None:
-      expected = _model_id_bytes(expected_model_id)
+      expected = _model_ids(expected_model_id)
     try:
       self._file = open(self.path, 'rb')  # noqa: SIM115 (closed in close()).
     except FileNotFoundError:
@@ -432,11 +448,11 @@ class Reader:
       raise BitstreamError(f'cannot open {self.path}: {e.strerror}') from None
     try:
       self.header = self._read_header()
-      if expected is not None and self.header.model_id != expected:
+      if expected is not None and self.header.model_id not in expected:
         raise BitstreamError(
           'made by another model (model id '
           f'{self.header.model_id.hex()[:8]}… != expected '
-          f'{expected.hex()[:8]}…)'
+          f'{" or ".join(e.hex()[:8] + "…" for e in expected)})'
         )
       self._layout = self._read_index()
     except BaseException:
@@ -637,7 +653,7 @@ class Reader:
 
 
 def read(
-  path: str | os.PathLike, expected_model_id: bytes | None = None
+  path: str | os.PathLike, expected_model_id: ExpectedIds = None
 ) -> tuple[Header, np.ndarray]:
   """The header and all codes (int32 [frames, levels]) of a file."""
   with Reader(path, expected_model_id) as reader:
@@ -645,7 +661,7 @@ def read(
 
 
 def read_header(
-  path: str | os.PathLike, expected_model_id: bytes | None = None
+  path: str | os.PathLike, expected_model_id: ExpectedIds = None
 ) -> Header:
   """The header, after checking header, index and footer (not the blocks)."""
   with Reader(path, expected_model_id) as reader:
@@ -656,7 +672,7 @@ def read_frames(
   path: str | os.PathLike,
   start_frame: int,
   num_frames: int | None = None,
-  expected_model_id: bytes | None = None,
+  expected_model_id: ExpectedIds = None,
 ) -> np.ndarray:
   """Codes of frames [start, start + num) (None: to the end), by seeking."""
   with Reader(path, expected_model_id) as reader:

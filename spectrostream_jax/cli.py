@@ -91,7 +91,7 @@ def encode_file(
       original_length=0,
       original_sample_rate=in_rate,
       original_channels=in_channels,
-      model_id=bytes.fromhex(codec.model_id),
+      model_id=bytes.fromhex(codec.codes_id),
       sample_rate=cfg.sample_rate,
       samples_per_frame=cfg.samples_per_frame,
       lookahead_frames=cfg.lookahead,
@@ -146,7 +146,8 @@ def decode_file(
 ) -> bitstream.Header:
   """Decodes `src` to a WAV at its original rate, channels and length."""
   cfg = codec.config
-  with bitstream.Reader(src, bytes.fromhex(codec.model_id)) as reader:
+  ids = {bytes.fromhex(codec.model_id), bytes.fromhex(codec.codes_id)}
+  with bitstream.Reader(src, sorted(ids)) as reader:
     h = reader.header
     if (h.sample_rate, h.samples_per_frame, h.channels, h.bits) != (
       cfg.sample_rate,

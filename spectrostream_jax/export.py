@@ -5,7 +5,8 @@ r"""`spectrostream-export`: a training run -> a self-contained model directory.
 reads the generator's EMA parameters and the CodecConfig they were trained
 with from the newest (or `--step`) checkpoint, and writes
 
-    MODEL_DIR/config.json              config, preset, step, model_id
+    MODEL_DIR/config.json              config, preset, step, model_id,
+                                       codes_compatible_with
     MODEL_DIR/encoder.safetensors      official layout (docs/export.md)
     MODEL_DIR/soundstream.safetensors
     MODEL_DIR/stablehlo/manifest.json  how to call the artifacts below
@@ -198,7 +199,9 @@ def export_model(
   functions = _exported_functions(codec, block_frames, platforms)
 
   with files.atomic_dir(out_dir, overwrite=overwrite) as tmp:
-    model_id = model_dir_lib.write(str(tmp), codec.params, c, step)
+    model_id = model_dir_lib.write(
+      str(tmp), codec.params, c, step, codec.codes_compatible_with
+    )
     hlo_dir = tmp / STABLEHLO_DIR
     hlo_dir.mkdir()
     manifest = _manifest(functions, model_id)
@@ -230,7 +233,7 @@ def export_workdir(
   where = f'checkpoint {step} of {workdir}'
   config = codec_config_from_record(record, where)
   try:
-    codec = inference.Codec(params, config)
+    codec = inference.Codec(params, config, record.get('codes_compatible_with'))
   except ValueError as e:
     raise ValueError(f'{where} does not fit its recorded CodecConfig') from e
   return export_model(codec, out_dir, step=step, **kwargs), step

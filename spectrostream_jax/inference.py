@@ -34,8 +34,16 @@ from spectrostream_jax.models import codec as codec_lib
 class Codec:
   """A SpectroStream model with fixed parameters and jitted entry points."""
 
-  def __init__(self, params, config: codec_lib.CodecConfig | None = None):
+  def __init__(
+    self,
+    params,
+    config: codec_lib.CodecConfig | None = None,
+    codes_compatible_with: str | None = None,
+  ):
     self.config = config or codec_lib.production()
+    # The model whose codes this one shares (a decoder fine-tune's source,
+    # docs/finetune.md); None when its codes are its own.
+    self.codes_compatible_with = codes_compatible_with
     expected = codec_lib.param_shapes(self.config)
     got = jax.tree.map(lambda x: tuple(np.shape(x)), params)
     want = jax.tree.map(lambda x: tuple(x.shape), expected)
@@ -73,14 +81,17 @@ class Codec:
     weight files of the production preset. With it, its model_id must be
     the hash of the files, so stale or swapped weights are caught.
     """
-    enc, snd, config, model_id = model_dir_lib.locate(model_dir)
-    codec = cls.from_safetensors(enc, snd, config)
-    if model_id is not None and model_id != codec.model_id:
+    found = model_dir_lib.locate(model_dir)
+    codec = cls.from_safetensors(
+      found.encoder_path, found.soundstream_path, found.config
+    )
+    if found.model_id is not None and found.model_id != codec.model_id:
       raise ValueError(
         f'{os.path.join(model_dir, model_dir_lib.CONFIG_FILE)} names model '
-        f'{model_id[:12]}... but the weights files hash to '
+        f'{found.model_id[:12]}... but the weights files hash to '
         f'{codec.model_id[:12]}...'
       )
+    codec.codes_compatible_with = found.codes_compatible_with
     return codec
 
   @classmethod
@@ -101,6 +112,20 @@ class Codec:
     if self._model_id is None:
       self._model_id = model_dir_lib.params_model_id(self.params)
     return self._model_id
+
+  @property
+  def codes_id(self) -> str:
+    """The model whose codes this one makes and reads (.sps headers)."""
+    return self.codes_compatible_with or self.model_id
+
+  def reads_codes_of(self, model_id: str) -> bool:
+    """Can this model decode codes made by the model `model_id`?
+
+    Its own, and those of every model sharing its encoder and codebooks
+    (the source of a decoder fine-tune, and that source's other
+    decoder fine-tunes).
+    """
+    return model_id in (self.model_id, self.codes_id)
 
   # Bitrate arithmetic -------------------------------------------------------
 

@@ -4,14 +4,17 @@ A directory written by `spectrostream-export` (docs/export.md) holds
 `encoder.safetensors`, `soundstream.safetensors` and `config.json`, whose
 `model_id` is the SHA-256 of the two files, so stale or swapped weights
 are caught when it is read. A directory with the two files alone is the
-official release, read as the production preset.
+official release, read as the production preset. A model fine-tuned with
+its encoder and codebooks frozen records in `codes_compatible_with` the
+model whose codes it shares (docs/finetune.md).
 """
 
 import dataclasses
 import hashlib
 import json
 import os
-from typing import Any
+import re
+from typing import Any, NamedTuple
 
 from spectrostream_jax import files
 from spectrostream_jax import weights
@@ -102,6 +105,9 @@ def _int_tuple(value: list, where: str) -> tuple:
   return tuple(out)
 
 
+_SHA256 = re.compile('[0-9a-f]{64}')
+
+
 def read_model_config(path: str) -> dict[str, Any]:
   """config.json -> its fields, with 'config' the rebuilt CodecConfig."""
   try:
@@ -117,9 +123,12 @@ def read_model_config(path: str) -> dict[str, Any]:
       f'{path} has format_version {version!r}; this library reads '
       f'{MODEL_FORMAT_VERSION}'
     )
-  model_id = meta.get('model_id')
-  if not (isinstance(model_id, str) and len(model_id) == 64):
-    raise ValueError(f'{path}: model_id must be a hex SHA-256')
+  for key in ('model_id', 'codes_compatible_with'):
+    value = meta.get(key)
+    if key == 'codes_compatible_with' and value is None:
+      continue
+    if not (isinstance(value, str) and _SHA256.fullmatch(value)):
+      raise ValueError(f'{path}: {key} must be a hex SHA-256')
   try:
     config = config_from_dict(meta.get('codec_config'))
   except ValueError as e:
@@ -128,7 +137,10 @@ def read_model_config(path: str) -> dict[str, Any]:
 
 
 def model_config(
-  config: codec_lib.CodecConfig, model_id: str, step: int | None
+  config: codec_lib.CodecConfig,
+  model_id: str,
+  step: int | None,
+  codes_compatible_with: str | None = None,
 ) -> dict[str, Any]:
   """The contents of config.json for a model with these weights."""
   preset = next(
@@ -140,6 +152,7 @@ def model_config(
     'format_version': MODEL_FORMAT_VERSION,
     'preset': preset,
     'model_id': model_id,
+    'codes_compatible_with': codes_compatible_with,
     'step': step,
     'sample_rate': config.sample_rate,
     'num_channels': config.num_channels,
@@ -158,6 +171,7 @@ def write(
   params,
   config: codec_lib.CodecConfig,
   step: int | None = None,
+  codes_compatible_with: str | None = None,
 ) -> str:
   """Writes the weights and config.json into `directory`; the model id.
 
@@ -168,7 +182,7 @@ def write(
   model_id = files_model_id(enc, snd)
   files.write_atomic(
     os.path.join(directory, CONFIG_FILE),
-    readable_json(model_config(config, model_id, step)),
+    readable_json(model_config(config, model_id, step, codes_compatible_with)),
   )
   return model_id
 
@@ -196,8 +210,18 @@ def _dumps(value: Any, indent: int = 0) -> str:
   )
 
 
-def locate(directory: str) -> tuple[str, str, codec_lib.CodecConfig, Any]:
-  """(encoder path, soundstream path, config, model id or None).
+class Located(NamedTuple):
+  """What a model directory holds, before its weights are read."""
+
+  encoder_path: str
+  soundstream_path: str
+  config: codec_lib.CodecConfig
+  model_id: str | None  # as config.json records it; None without one
+  codes_compatible_with: str | None
+
+
+def locate(directory: str) -> Located:
+  """The files, config and recorded ids of a model directory.
 
   Without config.json the directory is the official release: the
   production preset and no recorded id.
@@ -212,6 +236,11 @@ def locate(directory: str) -> tuple[str, str, codec_lib.CodecConfig, Any]:
     paths.append(path)
   config_path = os.path.join(directory, CONFIG_FILE)
   if not os.path.exists(config_path):
-    return paths[0], paths[1], codec_lib.production(), None
+    return Located(*paths, codec_lib.production(), None, None)
   meta = read_model_config(config_path)
-  return paths[0], paths[1], meta['config'], meta['model_id']
+  return Located(
+    *paths,
+    meta['config'],
+    meta['model_id'],
+    meta.get('codes_compatible_with'),
+  )

@@ -61,7 +61,7 @@ def test_restores_onto_a_different_mesh(tmp_path):
   target = sharding.tree_shardings(sharding.make_mesh(fsdp), make_state(), fsdp)
   it = batches()
   ckpt = checkpointer(tmp_path)
-  restored, step = ckpt.restore(abstract(make_state(), target), it)
+  restored, step, _ = ckpt.restore(abstract(make_state(), target), it)
   ckpt.close()
   assert step == 3
   for name, value in make_state().items():
@@ -100,7 +100,7 @@ def test_unreadable_latest_falls_back_to_the_previous(tmp_path, caplog):
 
   it = batches()
   ckpt = checkpointer(tmp_path)
-  restored, step = ckpt.restore(abstract(make_state(), shardings), it)
+  restored, step, _ = ckpt.restore(abstract(make_state(), shardings), it)
   ckpt.close()
   assert step == 1
   np.testing.assert_array_equal(restored['w'], make_state()['w'])
@@ -138,7 +138,7 @@ def test_relative_directory(tmp_path, monkeypatch):
   assert ckpt.save(1, state, batches(), {'model': {'codec': {}}})
   ckpt.close()
   ckpt = checkpointer('run/checkpoints')
-  restored, step = ckpt.restore(abstract(state, shardings), batches())
+  restored, step, _ = ckpt.restore(abstract(state, shardings), batches())
   ckpt.close()
   assert step == 1
   np.testing.assert_array_equal(restored['params']['w'], make_state(2)['w'])

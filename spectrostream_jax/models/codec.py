@@ -82,6 +82,26 @@ class CodecConfig:
     if self.quantizer.dim != self.embedding_dim:
       raise ValueError('quantizer.dim must equal embedding_dim')
 
+  def network_differences(self, other: 'CodecConfig') -> list[str]:
+    """Fields in which `other` computes differently, as 'name (a vs b)'.
+
+    The compute dtype and the RVQ's training knobs (how codebooks learn)
+    do not count: weights of one load into the other and give the same
+    codes and audio, up to the dtype's rounding.
+    """
+    out = []
+    for field in dataclasses.fields(self):
+      a, b = getattr(self, field.name), getattr(other, field.name)
+      if field.name == 'quantizer':
+        for name in rvq.NETWORK_FIELDS:
+          if getattr(a, name) != getattr(b, name):
+            out.append(
+              f'quantizer.{name} ({getattr(a, name)} vs {getattr(b, name)})'
+            )
+      elif field.name != 'dtype' and a != b:
+        out.append(f'{field.name} ({a} vs {b})')
+    return out
+
   @property
   def time_stride(self) -> int:
     """STFT frames per embedding."""

@@ -21,6 +21,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+# The fields that shape the codebooks; the rest say how they learn.
+NETWORK_FIELDS = ('num_levels', 'codebook_size', 'dim')
+
 
 @dataclasses.dataclass(frozen=True)
 class QuantizerConfig:
@@ -326,6 +329,27 @@ class CodebookState(flax.struct.PyTreeNode):
       since_restart=jnp.zeros(lk, jnp.int32),
       buffer=jnp.zeros((config.kmeans_buffer, config.dim), jnp.float32),
       initialized=jnp.zeros((), bool),
+    )
+
+  @classmethod
+  def from_codebooks(
+    cls, codebooks: jax.Array, rows_per_step: float, config: QuantizerConfig
+  ) -> 'CodebookState':
+    """Statistics for codebooks that arrive trained (a fine-tune's start).
+
+    Every code counts as used uniformly, so none is dead before the EMA
+    has seen this data (a truly unused code falls under the dead-code
+    line after about ln(1 / dead_code_fraction) / (1 − ema_decay) steps).
+    Gradient-learned codebooks keep no statistics.
+    """
+    state = cls.create(config).replace(initialized=jnp.ones((), bool))
+    if config.codebook_learning != 'ema':
+      return state
+    counts = jnp.full(
+      codebooks.shape[:2], rows_per_step / config.codebook_size, jnp.float32
+    )
+    return state.replace(
+      counts=counts, sums=codebooks.astype(jnp.float32) * counts[..., None]
     )
 
 

@@ -116,17 +116,19 @@ class Checkpointer:
 
   def restore(
     self, abstract_state: Any, data_iterator: grain.DatasetIterator
-  ) -> tuple[Any, int] | None:
-    """(state, step) of the newest readable checkpoint; None if there is none.
+  ) -> tuple[Any, int, dict[str, Any]] | None:
+    """(state, step, config record) of the newest readable checkpoint.
 
-    `abstract_state` is a tree of jax.ShapeDtypeStruct with the shardings to
-    restore onto. `data_iterator` is moved to the saved position.
+    None if there is none. `abstract_state` is a tree of
+    jax.ShapeDtypeStruct with the shardings to restore onto.
+    `data_iterator` is moved to the saved position.
     """
     steps = sorted(self.manager.all_steps(), reverse=True)
     for i, step in enumerate(steps):
       args = ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
         data=grain.checkpoint.CheckpointRestore(data_iterator),
+        config=ocp.args.JsonRestore(),
       )
       try:
         restored = self.manager.restore(step, args=args)
@@ -142,7 +144,7 @@ class Checkpointer:
         )
         continue
       logging.info('restored checkpoint %d', step)
-      return restored.state, step
+      return restored.state, step, restored.config
     return None
 
   def close(self) -> None:

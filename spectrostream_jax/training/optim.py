@@ -2,14 +2,14 @@
 
 One frozen `OptimizerConfig` per network (the published defaults of
 docs/training.md: Adam, lr 1e-4, β = (0.5, 0.9), constant rate). `make` turns
-it into an optax transformation; parameters whose '/'-joined path matches one
-of `frozen` get no update and no optimizer state (the EMA-learned RVQ
-codebooks, which the train step overwrites with their EMA estimate every step).
+it into an optax transformation; parameters it is told are frozen get no
+update and no optimizer state (the EMA-learned RVQ codebooks, which the train
+step overwrites with their EMA estimate every step, and the parts a fine-tune
+leaves out of `train.trainable`).
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable
 import dataclasses
-import re
 
 import jax
 import optax
@@ -79,18 +79,10 @@ def path_str(path: tuple) -> str:
   return '/'.join(parts)
 
 
-def match_paths(tree, patterns: Sequence[str]):
-  """Tree of bools: does the leaf's path fully match one of `patterns`?"""
-  compiled = [re.compile(p) for p in patterns]
-  return jax.tree_util.tree_map_with_path(
-    lambda path, _: any(p.fullmatch(path_str(path)) for p in compiled), tree
-  )
-
-
 def make(
-  config: OptimizerConfig, frozen: Sequence[str] = ()
+  config: OptimizerConfig, frozen: Callable[[str], bool] | None = None
 ) -> optax.GradientTransformation:
-  """The optimizer; leaves matching a `frozen` regex are not updated."""
+  """The optimizer; leaves whose '/'-joined path is `frozen` do not move."""
   chain = []
   if config.clip_norm is not None:
     chain.append(optax.clip_by_global_norm(config.clip_norm))
@@ -108,8 +100,9 @@ def make(
     return tx
 
   def labels(params):
-    return jax.tree.map(
-      lambda f: 'frozen' if f else 'train', match_paths(params, frozen)
+    return jax.tree_util.tree_map_with_path(
+      lambda path, _: 'frozen' if frozen(path_str(path)) else 'train',
+      params,
     )
 
   return optax.multi_transform(

@@ -49,6 +49,7 @@ from spectrostream_jax.models import quantizer as rvq
 from spectrostream_jax.training import optim
 from spectrostream_jax.training import sharding
 from spectrostream_jax.training import state as train_state
+from spectrostream_jax.training import trainable as trainable_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +66,9 @@ class StepConfig:
   # Reconstruction-only steps before k-means and the GAN (see the module
   # docstring); 0 starts the GAN at step 1 with k-means on its batch.
   warmup_steps: int = 0
+  # The codec parameters that learn (`trainable` module): set from
+  # `train.trainable`; 'all' trains everything.
+  trainable: str = trainable_lib.ALL
 
   def __post_init__(self):
     if self.discriminator.num_channels != self.codec.num_channels:
@@ -73,10 +77,25 @@ class StepConfig:
       raise ValueError('loss and codec sample rates differ')
     if self.warmup_steps < 0:
       raise ValueError('warmup_steps must be >= 0')
+    trainable_lib.parse(self.trainable)
 
   @property
   def ema_codebooks(self) -> bool:
     return self.codec.quantizer.codebook_learning == 'ema'
+
+  @property
+  def trainable_parts(self) -> tuple[str, ...]:
+    return trainable_lib.parse(self.trainable)
+
+  @property
+  def learns_codebooks(self) -> bool:
+    return trainable_lib.learns(EMA_CODEBOOK, self.trainable_parts)
+
+  def frozen(self, path: str) -> bool:
+    """Does the optimizer leave the codec parameter at `path` alone?"""
+    if self.ema_codebooks and path == EMA_CODEBOOK:
+      return True
+    return not trainable_lib.learns(path, self.trainable_parts)
 
 
 # Parameters the generator optimizer leaves alone when codebooks are EMA.
@@ -87,9 +106,11 @@ def optimizers(
   config: StepConfig,
 ) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
   """(codec optimizer, discriminator optimizer)."""
-  frozen = (EMA_CODEBOOK,) if config.ema_codebooks else ()
+  everything_learns = not (config.ema_codebooks or config.trainable_parts)
   return (
-    optim.make(config.generator_optimizer, frozen),
+    optim.make(
+      config.generator_optimizer, None if everything_learns else config.frozen
+    ),
     optim.make(config.discriminator_optimizer),
   )
 
@@ -270,9 +291,11 @@ def train_step(
     jax.random.fold_in(state.key(), state.step)
   )
 
+  parts = config.trainable_parts
+
   # Codec forward; the RVQ losses are outputs so their gradients flow back.
   def generate(params):
-    variables = {'params': params}
+    variables = {'params': trainable_lib.stop_frozen(params, parts)}
     emb = codec.apply(variables, wav, method=codec.embed)
     if warmup:
       q = None
@@ -280,7 +303,7 @@ def train_step(
       zeros = jnp.zeros((qc.num_levels,))
       vq_losses = (zeros, zeros)
     else:
-      codebooks = replicate(params['quantizer']['embedding'], mesh)
+      codebooks = replicate(variables['params']['quantizer']['embedding'], mesh)
       q = rvq.quantize_for_training(
         codebooks, emb, rng_quantizer, qc, mesh, sharding.BATCH_AXES
       )
@@ -354,12 +377,14 @@ def train_step(
     finite = finite & jnp.isfinite(metrics['d/loss'])
 
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  params = trainable_lib.keep_frozen(
+    optax.apply_updates(state.params, updates), state.params, parts
+  )
 
   rows = emb.shape[0] * emb.shape[1]
   if warmup:
     codebooks = rvq.remember(state.codebooks, replicate(emb, mesh), state.step)
-  elif config.ema_codebooks:
+  elif config.ema_codebooks and config.learns_codebooks:
     # Until `init_codebooks` has run, the codebooks stay as they are.
     codebook, codebooks, restarts = rvq.ema_update(
       state.codebooks, q, rng_codebooks, qc
@@ -382,8 +407,12 @@ def train_step(
   decay = jnp.minimum(
     config.ema_decay, (1.0 + state.step) / (10.0 + state.step)
   )
-  ema_params = jax.tree.map(
-    lambda e, p: e + (1.0 - decay) * (p - e), state.ema_params, params
+  ema_params = trainable_lib.keep_frozen(
+    jax.tree.map(
+      lambda e, p: e + (1.0 - decay) * (p - e), state.ema_params, params
+    ),
+    state.ema_params,
+    parts,
   )
 
   def keep_if_finite(new, old):

@@ -10,6 +10,8 @@ shorthand `--gin.train.num_steps=20`. The operative config is written to
 WORKDIR/config.gin. A run resumes from WORKDIR/checkpoints by itself.
 Several hosts: `--distributed` lets JAX find the cluster (TPU pods, Slurm,
 ...), or give --coordinator_address, --num_processes and --process_id.
+Fine-tuning: `--init_from=MODEL_DIR` starts from a model directory and
+`--trainable=decoder` freezes the rest (docs/finetune.md).
 
 `train` reads top to bottom: mesh → data → shapes → shardings → init or
 restore → jitted step → loop → cleanup.
@@ -38,10 +40,12 @@ from spectrostream_jax import files
 from spectrostream_jax.data import pipeline
 from spectrostream_jax.models import quantizer as rvq
 from spectrostream_jax.training import checkpoint as checkpoint_lib
+from spectrostream_jax.training import finetune
 from spectrostream_jax.training import sharding
 from spectrostream_jax.training import state as train_state
 from spectrostream_jax.training import step as step_lib
 from spectrostream_jax.training import train_logging
+from spectrostream_jax.training import trainable as trainable_lib
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory.', required=True)
 _GIN_FILES = flags.DEFINE_multi_string(
@@ -60,6 +64,16 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Process count.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process.')
+_INIT_FROM = flags.DEFINE_string(
+  'init_from',
+  None,
+  'Start from this model directory (train.init_from; docs/finetune.md).',
+)
+_TRAINABLE = flags.DEFINE_string(
+  'trainable',
+  None,
+  "What learns, e.g. 'decoder' or 'encoder+decoder' (train.trainable).",
+)
 
 # The package root: our own log lines come from anywhere under it.
 PACKAGE_DIR = str(pathlib.Path(__file__).resolve().parents[1])
@@ -81,6 +95,8 @@ def train(
   audio_examples: int = 2,
   log_grad_norms: bool = True,
   seed: int = 0,
+  init_from: str | None = None,
+  trainable: str = trainable_lib.ALL,
 ) -> train_state.TrainState:
   """Trains (or resumes) until `num_steps` updates; returns the state.
 
@@ -101,7 +117,12 @@ def train(
       term contributes to the gradient at x̂ (`step.gradient_norms`, about
       half a step's compute).
     seed: parameters and training randomness.
+    init_from: a model directory (an export, or Google's two files) whose
+      weights start the run; ignored when the run resumes.
+    trainable: the codec parameters that learn: 'all', or parameter paths
+      joined by '+' such as 'decoder' (`trainable` module).
   """
+  model = dataclasses.replace(model, trainable=trainable)
   codec = model.codec
   levels = [codec.levels_for_kbps(k) for k in eval_kbps]
   if eval_every and eval_data is None:
@@ -155,6 +176,7 @@ def train(
       sharding=batch_sharding,
     )
   }
+  trainable_lib.check(abstract.params, trainable)
   num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
   num_disc_params = sum(x.size for x in jax.tree.leaves(abstract.disc_params))
   logging.info(
@@ -183,12 +205,36 @@ def train(
     if restored is None:
       state = jax.jit(init, out_shardings=state_sharding)(seed)
       first_step = 0
+      source = None
+      if init_from:
+        source = finetune.read_source(init_from, codec)
+        rows = data.batch_size * codec.num_embeddings(crop)
+        state = finetune.start_from(
+          state, source, rows, codec.quantizer, state_sharding
+        )
+        source = source.record()
+        logging.info(
+          'starting from %s (model %s)', init_from, source['model_id'][:12]
+        )
     else:
-      state, first_step = restored
+      state, first_step, saved = restored
+      source = saved.get('init_from')
+      if init_from:
+        logging.warning(
+          'resuming at step %d: init_from=%s is ignored (the run started '
+          'from %s)',
+          first_step,
+          init_from,
+          source['path'] if source else 'scratch',
+        )
+    # Frozen encoder and codebooks: the exports make the source's codes.
+    shares_codes = source is not None and trainable_lib.freezes_codes(trainable)
     record = {
       'gin': gin.operative_config_str(),
       'model': dataclasses.asdict(model),
       'data': repr(data),
+      'init_from': source,
+      'codes_compatible_with': source['codes_id'] if shares_codes else None,
     }
 
     # ---------------------------------------------------------------- Step
@@ -231,7 +277,9 @@ def train(
     skips = collections.Counter()
     skipped = 0
     # A replicated scalar: every process reads the same value, no collective.
-    needs_codebooks = not bool(jax.device_get(state.codebooks.initialized))
+    needs_codebooks = model.learns_codebooks and not bool(
+      jax.device_get(state.codebooks.initialized)
+    )
     for step in range(first_step + 1, num_steps + 1):
       batch = next(train_iter)
       skips.update(pipeline.skip_counts(batch))  # This process's share.
@@ -497,8 +545,16 @@ def main(argv: list[str]) -> None:
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
   configured_train = gin.configurable(train)
-  parse_gin(_GIN_FILES.value, _GIN_BINDINGS.value)
-  state = configured_train(_WORKDIR.value)
+  bindings = list(_GIN_BINDINGS.value)
+  if _INIT_FROM.value is not None:
+    bindings.append(f'train.init_from = {_INIT_FROM.value!r}')
+  if _TRAINABLE.value is not None:
+    bindings.append(f'train.trainable = {_TRAINABLE.value!r}')
+  parse_gin(_GIN_FILES.value, bindings)
+  try:
+    state = configured_train(_WORKDIR.value)
+  except (finetune.SourceError, trainable_lib.SpecError) as e:
+    sys.exit(f'spectrostream-train: error: {e}')
   logging.info(
     'done: step %d, %d updates skipped',
     int(state.step),
