@@ -18,6 +18,7 @@ restore → jitted step → loop → cleanup.
 """
 
 import collections
+from collections.abc import Callable
 import dataclasses
 import functools
 import itertools
@@ -201,41 +202,16 @@ def train(
   )
   # Closed on any exit: pending saves finish, the SIGTERM handler goes back.
   try:
-    restored = ckpt.restore(abstract, train_iter)
-    if restored is None:
-      state = jax.jit(init, out_shardings=state_sharding)(seed)
-      first_step = 0
-      source = None
-      if init_from:
-        source = finetune.read_source(init_from, codec)
-        rows = data.batch_size * codec.num_embeddings(crop)
-        state = finetune.start_from(
-          state, source, rows, codec.quantizer, state_sharding
-        )
-        source = source.record()
-        logging.info(
-          'starting from %s (model %s)', init_from, source['model_id'][:12]
-        )
-    else:
-      state, first_step, saved = restored
-      source = saved.get('init_from')
-      if init_from:
-        logging.warning(
-          'resuming at step %d: init_from=%s is ignored (the run started '
-          'from %s)',
-          first_step,
-          init_from,
-          source['path'] if source else 'scratch',
-        )
-    # Frozen encoder and codebooks: the exports make the source's codes.
-    shares_codes = source is not None and trainable_lib.freezes_codes(trainable)
-    record = {
-      'gin': gin.operative_config_str(),
-      'model': dataclasses.asdict(model),
-      'data': repr(data),
-      'init_from': source,
-      'codes_compatible_with': source['codes_id'] if shares_codes else None,
-    }
+    state, first_step, source = start_or_resume(
+      ckpt,
+      abstract,
+      train_iter,
+      lambda: jax.jit(init, out_shardings=state_sharding)(seed),
+      model,
+      init_from,
+      rows_per_step=data.batch_size * codec.num_embeddings(crop),
+    )
+    record = run_record(model, data, source)
 
     # ---------------------------------------------------------------- Step
     programs = jit_programs(
@@ -350,6 +326,77 @@ def train(
     return state
   finally:
     ckpt.close()
+
+
+def run_record(
+  model: step_lib.StepConfig,
+  data: pipeline.PipelineConfig,
+  source: dict[str, str] | None,
+) -> dict[str, Any]:
+  """The `config` item of every checkpoint (read back by export).
+
+  With the encoder and codebooks frozen, a fine-tune's exports make its
+  source's codes: `codes_compatible_with` names them (docs/finetune.md).
+  """
+  shares_codes = source is not None and trainable_lib.freezes_codes(
+    model.trainable
+  )
+  return {
+    'gin': gin.operative_config_str(),
+    'model': dataclasses.asdict(model),
+    'data': repr(data),
+    'init_from': source,
+    'codes_compatible_with': source['codes_id'] if shares_codes else None,
+  }
+
+
+def start_or_resume(
+  ckpt: checkpoint_lib.Checkpointer,
+  abstract: train_state.TrainState,
+  data_iterator: Any,
+  fresh: Callable[[], train_state.TrainState],
+  model: step_lib.StepConfig,
+  init_from: str | None,
+  rows_per_step: int,
+) -> tuple[train_state.TrainState, int, dict[str, str] | None]:
+  """(state, step, where the run started) from the newest checkpoint.
+
+  Without one: `fresh()`, with `init_from`'s weights if given, at step 0.
+  The start's record (`finetune.Source.record`, None from scratch) is the
+  one the checkpoints carry, so a resumed fine-tune still knows its source.
+  """
+  restored = ckpt.restore(abstract, data_iterator)
+  if restored is not None:
+    state, step, saved = restored
+    source = saved.get('init_from')
+    if init_from:
+      logging.warning(
+        'resuming at step %d: init_from=%s is ignored (the run started '
+        'from %s)',
+        step,
+        init_from,
+        source['path'] if source else 'scratch',
+      )
+    return state, step, source
+  state = fresh()
+  if not init_from:
+    return state, 0, None
+  source = finetune.read_source(init_from, model.codec)
+  state = finetune.start_from(
+    state,
+    source,
+    rows_per_step,
+    model.codec.quantizer,
+    jax.tree.map(lambda x: x.sharding, abstract),
+  )
+  logging.info('starting from %s (model %s)', init_from, source.model_id[:12])
+  if model.warmup_steps:
+    logging.warning(
+      'init_from with %d warm-up steps: they bypass the trained RVQ '
+      '(fine-tunes set step.StepConfig.warmup_steps = 0)',
+      model.warmup_steps,
+    )
+  return state, 0, source.record()
 
 
 class Programs(NamedTuple):
