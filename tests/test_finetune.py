@@ -398,6 +398,18 @@ def test_decoder_only_finetune(tiny_model_dir, tmp_path, caplog):
   )
   caplog.set_level(logging.WARNING)
   try:
+    with pytest.raises(
+      trainable.SpecError, match="trains 'decoder'; resume it with the same"
+    ):
+      train.start_or_resume(
+        ckpt,
+        abstract,
+        None,
+        lambda: pytest.fail('a resume made a fresh state'),
+        args['model'],
+        None,
+        rows_per_step=32,
+      )
     resumed, step_, start = train.start_or_resume(
       ckpt,
       abstract,

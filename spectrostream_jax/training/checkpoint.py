@@ -76,9 +76,8 @@ class Checkpointer:
       cleanup_tmp_directories=True,
     )
     # Orbax wants absolute paths; a relative --workdir is a fine one.
-    self.manager = ocp.CheckpointManager(
-      os.path.abspath(directory), options=options
-    )
+    self.directory = os.path.abspath(directory)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
     self._sigterm = False
     self._previous_handler = None
     if jax.process_count() == 1:
@@ -146,6 +145,17 @@ class Checkpointer:
       logging.info('restored checkpoint %d', step)
       return restored.state, step, restored.config
     return None
+
+  def latest_record(self) -> dict[str, Any] | None:
+    """The `config` item of the newest checkpoint; None without one."""
+    step = self.manager.latest_step()
+    if step is None:
+      return None
+    args = ocp.args.Composite(config=ocp.args.JsonRestore())
+    try:
+      return self.manager.restore(step, args=args).config
+    except Exception:  # A damaged save: `restore` falls back past it.
+      return None
 
   def close(self) -> None:
     """Waits for pending saves; restores the previous SIGTERM handler."""

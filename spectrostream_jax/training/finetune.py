@@ -81,7 +81,17 @@ def start_from(
     source.params['quantizer']['embedding'], rows_per_step, quantizer
   )
   return state.replace(
-    params=jax.device_put(source.params, shardings.params),
-    ema_params=jax.device_put(source.params, shardings.ema_params),
-    codebooks=jax.device_put(codebooks, shardings.codebooks),
+    params=_place(source.params, shardings.params),
+    ema_params=_place(source.params, shardings.ema_params),
+    codebooks=_place(codebooks, shardings.codebooks),
   )
+
+
+def _place(tree: Any, shardings: Any) -> Any:
+  """Host values (the same on every process) as global sharded arrays."""
+
+  def one(x, sharding):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
+
+  return jax.tree.map(one, tree, shardings)

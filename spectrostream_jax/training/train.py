@@ -365,6 +365,14 @@ def start_or_resume(
   The start's record (`finetune.Source.record`, None from scratch) is the
   one the checkpoints carry, so a resumed fine-tune still knows its source.
   """
+  saved = ckpt.latest_record()
+  ran = saved and saved.get('model', {}).get('trainable', trainable_lib.ALL)
+  if saved and ran != model.trainable:
+    # The optimizer state has another structure: restoring cannot work.
+    raise trainable_lib.SpecError(
+      f'the run in {os.path.dirname(ckpt.directory)} trains {ran!r}; resume '
+      f'it with the same trainable, not {model.trainable!r}'
+    )
   restored = ckpt.restore(abstract, data_iterator)
   if restored is not None:
     state, step, saved = restored
