@@ -11,8 +11,9 @@ every track of the corpus' eval split: SI-SDR and mel distance at 1, 2, 4,
 8 and 16 kbps (without the first 480 samples) and, at 16 kbps, the usage
 (fraction of codes) and perplexity of RVQ levels 1-8 over all the clips'
 frames. `--init` adds the same figures for the network as every run
-starts it (step 0, seed 0: the trainer's split of the seed). Prints JSON;
-`--png` draws the curves.
+starts it (step 0, seed 0: the trainer's split of the seed), and each
+`--model NAME=DIR` for a model directory (a fine-tune's source, say;
+docs/finetune.md). Prints JSON; `--png` draws the curves.
 """
 
 import argparse
@@ -25,7 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from spectrostream_jax import files
+from spectrostream_jax import inference
 from spectrostream_jax import losses
+from spectrostream_jax import model_dir
 from spectrostream_jax.evaluation import clips as clips_lib
 from spectrostream_jax.models import codec as codec_lib
 from spectrostream_jax.models import quantizer as rvq
@@ -38,6 +41,12 @@ KBPS = (1, 2, 4, 8, 16)
 def newest_ema_params(workdir: pathlib.Path):
   params, _, step = checkpoint.restore_for_export(str(workdir / 'checkpoints'))
   return step, jax.tree.map(jnp.asarray, params)
+
+
+def codec_step(directory: str) -> int | None:
+  return model_dir.read_model_config(
+    str(pathlib.Path(directory) / model_dir.CONFIG_FILE)
+  )['step']
 
 
 def initial_params(config, seed: int = 0):
@@ -146,6 +155,7 @@ def main(argv=None) -> int:
   parser.add_argument('--clip-seconds', type=float, default=30.0)
   parser.add_argument('--png')
   parser.add_argument('--init', action='store_true')
+  parser.add_argument('--model', action='append', default=[])
   args = parser.parse_args(argv)
   config = codec_lib.small()
   audio = [c.audio for c in clips_lib.load(args.data, args.clip_seconds).clips]
@@ -155,6 +165,15 @@ def main(argv=None) -> int:
     summary['step 0'] = {
       'step': 0,
       **final_quality(initial_params(config), config, audio),
+    }
+  for spec in args.model:
+    name, _, directory = spec.partition('=')
+    codec = inference.Codec.load(directory)
+    if codec.config.network_differences(config):
+      parser.error(f'{directory} is not a small model')
+    summary[name] = {
+      'step': codec_step(directory),
+      **final_quality(codec.params, config, audio),
     }
   for spec in args.run:
     name, _, workdir = spec.partition('=')
