@@ -238,16 +238,25 @@ def test_cli_mismatch_is_one_line(tmp_path):
       f'--init_from={tmp_path / "m"}',
     ],
     cwd=REPO,
-    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+    env=dict(
+      os.environ,
+      JAX_PLATFORMS='cpu',
+      XLA_FLAGS='--xla_force_host_platform_device_count=1',
+    ),
     capture_output=True,
     text=True,
     timeout=300,
   )
   assert proc.returncode == 1, proc.stderr[-2000:]
   assert 'Traceback' not in proc.stderr
-  last = proc.stderr.strip().splitlines()[-1]
-  assert last.startswith('spectrostream-train: error: init_from ')
-  assert 'lookahead (2 vs 1)' in last
+  ours = [
+    line
+    for line in proc.stderr.splitlines()
+    if not line.startswith(('I1', 'W1'))  # absl's info and warning lines
+  ]
+  assert len(ours) == 1, ours
+  assert ours[0].startswith('spectrostream-train: error: init_from ')
+  assert ours[0].endswith('lookahead (2 vs 1)')
 
 
 # Frozen parts in the step ---------------------------------------------------

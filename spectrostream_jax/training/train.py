@@ -609,7 +609,8 @@ def main(argv: list[str]) -> None:
   try:
     state = configured_train(_WORKDIR.value)
   except (finetune.SourceError, trainable_lib.SpecError) as e:
-    sys.exit(f'spectrostream-train: error: {e}')
+    # gin appends a line naming the configurable; ours is the first.
+    sys.exit(f'spectrostream-train: error: {files.first_line(e)}')
   logging.info(
     'done: step %d, %d updates skipped',
     int(state.step),
