@@ -43,7 +43,9 @@ _BATCH = flags.DEFINE_integer('batch_size', 8, 'pipeline batch size')
 _BATCHES = flags.DEFINE_integer('batches', 30, 'timed batches per setting')
 _WORKERS = flags.DEFINE_list('workers', ['0', '1', '2'], 'worker counts')
 _MODEL_BATCH = flags.DEFINE_integer('model_batch', 2, 'training step batch')
-_MODEL_STEPS = flags.DEFINE_integer('model_steps', 3, 'timed training steps')
+_MODEL_STEPS = flags.DEFINE_integer(
+  'model_steps', 3, 'timed training steps (0: no step estimate)'
+)
 _UPDATE_DOCS = flags.DEFINE_bool(
   'update_docs', False, 'write the section of docs/benchmarks.md'
 )
@@ -143,8 +145,6 @@ def main(argv):
       **{**base.__dict__, 'num_workers': int(workers)}
     )
     rates.append(pipeline_rate(config))
-  wav = next(iter(pipeline.make_dataset(base)))['audio'][: _MODEL_BATCH.value]
-  step = training_step_rate(np.asarray(wav))
   best = max(r['audio_seconds_per_s'] for r in rates)
   result = {
     'date': datetime.date.today().isoformat(),
@@ -155,11 +155,16 @@ def main(argv):
     'batch_size': _BATCH.value,
     'crop_seconds': base.audio.crop_seconds,
     'pipeline': rates,
-    'training_step_estimate': step,
-    'headroom': round(best / step['audio_seconds_per_s_per_device'], 1),
   }
+  if _MODEL_STEPS.value:
+    dataset = pipeline.make_dataset(base)
+    wav = next(iter(dataset))['audio'][: _MODEL_BATCH.value]
+    step = training_step_rate(np.asarray(wav))
+    result['training_step_estimate'] = step
+    per_device = step['audio_seconds_per_s_per_device']
+    result['headroom'] = round(best / per_device, 1)
   print(json.dumps(result, indent=1))
-  if _UPDATE_DOCS.value:
+  if _UPDATE_DOCS.value and _MODEL_STEPS.value:
     report.update_section('data_throughput', result, markdown)
 
 
