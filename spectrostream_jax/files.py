@@ -18,6 +18,20 @@ import tempfile
 
 PathLike = str | os.PathLike
 
+# Temp files and directories not yet renamed or removed, so that an
+# interrupt that ends the process at once can still take them away.
+_pending: set[pathlib.Path] = set()
+
+
+def remove_pending() -> None:
+  """Removes every temp file and directory this process has not finished."""
+  for path in list(_pending):
+    if path.is_dir() and not path.is_symlink():
+      shutil.rmtree(path, ignore_errors=True)
+    else:
+      path.unlink(missing_ok=True)
+    _pending.discard(path)
+
 
 def first_line(error: BaseException) -> str:
   """The first line of `error`'s message, or its type when it has none."""
@@ -33,7 +47,9 @@ def temp_name(path: PathLike) -> pathlib.Path:
   """
   path = pathlib.Path(path)
   token = f'{os.getpid()}-{secrets.token_hex(4)}'
-  return path.with_name(f'.{path.name}-tmp-{token}{path.suffix}')
+  tmp = path.with_name(f'.{path.name}-tmp-{token}{path.suffix}')
+  _pending.add(tmp)
+  return tmp
 
 
 def fsync_dir(path: PathLike) -> None:
@@ -71,6 +87,7 @@ def publish(tmp: PathLike, path: PathLike, *, durable: bool = False) -> None:
     finally:
       os.close(fd)
   os.replace(tmp, path)
+  _pending.discard(pathlib.Path(tmp))
   if durable:
     fsync_dir(pathlib.Path(path).parent)
 
@@ -95,6 +112,7 @@ def atomic_path(
     publish(tmp, path, durable=durable)
   except BaseException:
     tmp.unlink(missing_ok=True)
+    _pending.discard(tmp)
     raise
 
 
@@ -160,6 +178,7 @@ def atomic_dir(out: PathLike, *, overwrite: bool) -> Iterator[pathlib.Path]:
   tmp = pathlib.Path(
     tempfile.mkdtemp(prefix=f'.{out.name}-tmp-', dir=out.parent)
   )
+  _pending.add(tmp)
   try:
     tmp.chmod(0o777 & ~_umask())
     yield tmp
@@ -168,3 +187,5 @@ def atomic_dir(out: PathLike, *, overwrite: bool) -> Iterator[pathlib.Path]:
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+  finally:
+    _pending.discard(tmp)
