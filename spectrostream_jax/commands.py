@@ -13,6 +13,7 @@ unfinished temp files and ends the process.
 
 import argparse
 import contextlib
+import importlib
 import multiprocessing
 import os
 import signal
@@ -57,3 +58,26 @@ def exit_on_interrupt(prog: str) -> None:
     _interrupted(prog)
 
   threading.Thread(target=wait, name='sigint', daemon=True).start()
+
+
+def _entry(prog: str, module: str) -> None:
+  """Sets up Ctrl-C, then imports `module` (and JAX) and runs its main."""
+  exit_on_interrupt(prog)
+  sys.exit(importlib.import_module(module).main())
+
+
+# Console entry points (pyproject.toml [project.scripts]).
+def spectrostream() -> None:
+  _entry('spectrostream', 'spectrostream_jax.cli')
+
+
+def spectrostream_data() -> None:
+  _entry('spectrostream-data', 'spectrostream_jax.data.cli')
+
+
+def spectrostream_export() -> None:
+  _entry('spectrostream-export', 'spectrostream_jax.export')
+
+
+def spectrostream_eval() -> None:
+  _entry('spectrostream-eval', 'spectrostream_jax.evaluation.ladder')
