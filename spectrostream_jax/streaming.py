@@ -69,10 +69,42 @@ def prepare_weights(config: codec_lib.CodecConfig, params: dict) -> dict:
   return {
     'encoder': params['encoder'],
     'decoder': params['decoder'],
-    'codebooks': params['quantizer']['embedding'],
+    'codebooks': _levels(params['quantizer']['embedding']),
     'prepared_decoder': prepared['decoder'],
-    'code_norms': prepared['code_norms'],
+    'code_norms': _levels(prepared['code_norms']),
   }
+
+
+@jax.jit
+def _levels(stacked: jax.Array) -> tuple[jax.Array, ...]:
+  """[levels, ...] -> one array per level.
+
+  A level's codebook sliced out of the stack inside a step is copied
+  before its matmul (1 MB per level, 64 per frame); separate buffers are
+  read in place.
+  """
+  return tuple(stacked)
+
+
+def _quantize(codebooks, norms, emb: jax.Array, num_levels: int) -> jax.Array:
+  """`rvq.encode` unrolled over per-level buffers: the same codes."""
+  codes = []
+  for codebook, sq_norms in zip(
+    codebooks[:num_levels], norms[:num_levels], strict=True
+  ):
+    code = rvq.nearest_code(emb, codebook, sq_norms)
+    emb = emb - jnp.take(codebook, code, axis=0)
+    codes.append(code)
+  return jnp.stack(codes, axis=-1)
+
+
+def _dequantize(codebooks, codes: jax.Array) -> jax.Array:
+  """`rvq.decode` on per-level buffers, summed in the same order."""
+  picked = [
+    jnp.take(codebook, codes[..., level], axis=0)
+    for level, codebook in enumerate(codebooks[: codes.shape[-1]])
+  ]
+  return jnp.sum(jnp.stack(picked), axis=0)
 
 
 def _zeros_like_shapes(tree):
@@ -154,8 +186,8 @@ def encode_step(
   emb, state = _encoder_net(config, weights['encoder'], state, features)
   codes = None
   if num_levels is not None:
-    codes = rvq.encode(
-      weights['codebooks'], emb, num_levels, weights['code_norms']
+    codes = _quantize(
+      weights['codebooks'], weights['code_norms'], emb, num_levels
     )
   return state, emb, codes
 
@@ -174,7 +206,7 @@ def decode_step(
   look-ahead and hold zeros; the wrappers drop them.
   """
   if jnp.issubdtype(inputs.dtype, jnp.integer):
-    emb = rvq.decode(weights['codebooks'], inputs)
+    emb = _dequantize(weights['codebooks'], inputs)
   else:
     emb = inputs.astype(jnp.float32)
   feats, net = _decoder_net(
