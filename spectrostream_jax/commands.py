@@ -12,6 +12,7 @@ unfinished temp files and ends the process.
 """
 
 import argparse
+from collections.abc import Callable, Iterator, Sequence
 import contextlib
 import importlib
 import multiprocessing
@@ -19,6 +20,7 @@ import os
 import signal
 import sys
 import threading
+from typing import NoReturn
 
 import spectrostream_jax
 from spectrostream_jax import files
@@ -34,15 +36,92 @@ def add_version(parser: argparse.ArgumentParser, prog: str) -> None:
   parser.add_argument('--version', action='version', version=version(prog))
 
 
-def _interrupted(prog: str) -> None:
+def add_verbosity(parser: argparse.ArgumentParser, quiet: str, verbose: str):
+  """-q and -v, each saying what it changes for this command."""
+  group = parser.add_mutually_exclusive_group()
+  group.add_argument('-q', '--quiet', action='store_true', help=quiet)
+  group.add_argument('-v', '--verbose', action='store_true', help=verbose)
+
+
+class Parser(argparse.ArgumentParser):
+  """Usage errors on one line; `--a_b` accepted wherever `--a-b` is known.
+
+  The argparse commands spell their flags with dashes; the underscore
+  spellings they had before stay working, unlisted, so that scripts and
+  old notes do not break.
+  """
+
+  def error(self, message: str) -> NoReturn:
+    self.exit(2, f'{self.prog}: error: {message}\n')
+
+  def parse_known_args(self, args=None, namespace=None):
+    args = sys.argv[1:] if args is None else list(args)
+    return super().parse_known_args(self._dashed(args), namespace)
+
+  def _dashed(self, args: Sequence[str]) -> list[str]:
+    known = set(self._option_string_actions)
+    out = []
+    for i, arg in enumerate(args):
+      if arg == '--':
+        return out + list(args[i:])
+      name, sep, value = arg.partition('=')
+      dashed = name.replace('_', '-')
+      if name.startswith('--') and name not in known and dashed in known:
+        arg = dashed + sep + value
+      out.append(arg)
+    return out
+
+
+def _end(prog: str, message: str) -> NoReturn:
   # Spawned workers inherit the blocked SIGINT, so they are ended here.
   for child in multiprocessing.active_children():
     child.kill()
   files.remove_pending()
   with contextlib.suppress(OSError, ValueError):
     sys.stdout.flush()
-  os.write(2, f'{prog}: interrupted\n'.encode())
+  with contextlib.suppress(OSError, ValueError):
+    sys.stderr.flush()
+  os.write(2, f'{prog}: {message}\n'.encode())
   os._exit(INTERRUPTED)
+
+
+# What the first SIGINT calls instead of ending the process (see `deferred`).
+_lock = threading.Lock()
+_stop: Callable[[], None] | None = None
+
+
+@contextlib.contextmanager
+def deferred(stop: Callable[[], None]) -> Iterator[None]:
+  """Within, the first Ctrl-C calls `stop` instead of ending the process.
+
+  For work that can end cleanly soon (a training step, then a checkpoint
+  save): `stop` asks it to, and the caller ends with `finish_interrupted`.
+  A second Ctrl-C still ends the process at once. Without
+  `exit_on_interrupt` (library use, tests) this does nothing.
+  """
+  global _stop
+  with _lock:
+    _stop = stop
+  try:
+    yield
+  finally:
+    with _lock:
+      _stop = None
+
+
+def finish_interrupted(prog: str, message: str = 'interrupted') -> NoReturn:
+  """Ends a process whose deferred Ctrl-C was honoured: one line, 130.
+
+  The work stopped cleanly, so the interpreter exits as usual: worker
+  processes, their queues and semaphores are released as on any exit
+  (`os._exit` would leave them to multiprocessing's resource tracker,
+  which complains on stderr).
+  """
+  files.remove_pending()
+  with contextlib.suppress(OSError, ValueError):
+    sys.stdout.flush()
+  print(f'{prog}: {message}', file=sys.stderr, flush=True)
+  sys.exit(INTERRUPTED)
 
 
 def exit_on_interrupt(prog: str) -> None:
@@ -55,7 +134,12 @@ def exit_on_interrupt(prog: str) -> None:
 
   def wait() -> None:
     signal.sigwait({signal.SIGINT})
-    _interrupted(prog)
+    with _lock:
+      stop = _stop
+    if stop is not None:
+      stop()
+      signal.sigwait({signal.SIGINT})
+    _end(prog, 'interrupted')
 
   threading.Thread(target=wait, name='sigint', daemon=True).start()
 
@@ -81,3 +165,9 @@ def spectrostream_export() -> None:
 
 def spectrostream_eval() -> None:
   _entry('spectrostream-eval', 'spectrostream_jax.evaluation.ladder')
+
+
+def spectrostream_train() -> None:
+  """Training: the first Ctrl-C in the loop saves a checkpoint (train.py)."""
+  exit_on_interrupt('spectrostream-train')
+  importlib.import_module('spectrostream_jax.training.train').run()

@@ -13,20 +13,33 @@ Several hosts: `--distributed` lets JAX find the cluster (TPU pods, Slurm,
 Fine-tuning: `--init_from=MODEL_DIR` starts from a model directory and
 `--trainable=decoder` freezes the rest (docs/finetune.md).
 
+`--help` lists the flags a run needs; a missing gin file or a misspelt
+binding is one line naming it, with the closest name gin knows. Ctrl-C
+during the steps of a one-process run finishes the step, saves a
+checkpoint (as SIGTERM does) and exits 130; a second Ctrl-C, or one
+before the first step, exits 130 at once.
+
 `train` reads top to bottom: mesh → data → shapes → shardings → init or
 restore → jitted step → loop → cleanup.
 """
 
 import collections
 from collections.abc import Callable
+import contextlib
 import dataclasses
+import difflib
 import functools
+import inspect
 import itertools
 import logging as std_logging
 import os
 import pathlib
+import re
 import sys
+import textwrap
+import threading
 import time
+import tokenize
 from typing import Any, NamedTuple
 
 from absl import app
@@ -37,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import gin
+from spectrostream_jax import commands
 from spectrostream_jax import files
 from spectrostream_jax.data import pipeline
 from spectrostream_jax.models import quantizer as rvq
@@ -75,10 +89,27 @@ _TRAINABLE = flags.DEFINE_string(
   None,
   "What learns, e.g. 'decoder' or 'encoder+decoder' (train.trainable).",
 )
+_QUIET = flags.DEFINE_bool(
+  'quiet', False, 'Log warnings and errors only.', short_name='q'
+)
+# Handled in `run` before absl parses (--workdir is required); defined so
+# that --helpfull lists it.
+flags.DEFINE_bool('version', False, 'Print the version and exit.')
+
+PROG = 'spectrostream-train'
 
 # The package root: our own log lines come from anywhere under it.
 PACKAGE_DIR = str(pathlib.Path(__file__).resolve().parents[1])
 GIN_DIR = pathlib.Path(PACKAGE_DIR).parent / 'gin'
+
+
+class Interrupted(Exception):  # noqa: N818 (not a failure)
+  """Ctrl-C stopped the run; a checkpoint of `step` was saved first."""
+
+  def __init__(self, step: int, directory: str):
+    super().__init__(f'interrupted: checkpoint {step} saved in {directory}')
+    self.step = step
+    self.directory = directory
 
 
 def train(
@@ -153,9 +184,11 @@ def train(
     return pipeline.to_global_batch(audio, device_mesh, sharding.BATCH_AXES)
 
   train_iter = iter(pipeline.make_dataset(data))
+  iterators = [train_iter]
   held_out = []
   if eval_every:
     eval_iter = iter(pipeline.make_dataset(eval_data))
+    iterators.append(eval_iter)
     held_out = [
       global_audio(b) for b in itertools.islice(eval_iter, eval_batches)
     ]
@@ -200,6 +233,11 @@ def train(
   ckpt = checkpoint_lib.Checkpointer(
     os.path.join(workdir, 'checkpoints'), checkpoint
   )
+  # Ctrl-C in the loop asks it to stop and save (`commands.deferred`);
+  # several processes would have to agree on the step, so they stop at
+  # once instead (and SIGTERM stops them together).
+  stop = threading.Event()
+  deferral = contextlib.ExitStack()
   # Closed on any exit: pending saves finish, the SIGTERM handler goes back.
   try:
     state, first_step, source = start_or_resume(
@@ -256,6 +294,8 @@ def train(
     needs_codebooks = model.learns_codebooks and not bool(
       jax.device_get(state.codebooks.initialized)
     )
+    if processes == 1:
+      deferral.enter_context(commands.deferred(stop.set))
     for step in range(first_step + 1, num_steps + 1):
       batch = next(train_iter)
       skips.update(pipeline.skip_counts(batch))  # This process's share.
@@ -308,24 +348,34 @@ def train(
         )
         progress.restart_clock()
       preempted = ckpt.reached_preemption(step)
+      stopping = preempted or stop.is_set()
       ckpt.save(
         step,
         state,
         train_iter,
         record,
         metrics=eval_metrics,
-        force=preempted or eval_metrics is not None or step == num_steps,
+        force=stopping or eval_metrics is not None or step == num_steps,
       )
       if preempted:
         logging.warning('stopping at step %d after a preemption notice', step)
+      if stopping:
         break
 
     # ---------------------------------------------------------------- Cleanup
     progress.close()
     writer.close()
-    return state
   finally:
+    # A Ctrl-C while the last save finishes waits for it, too.
     ckpt.close()
+    deferral.close()
+  if stop.is_set():
+    # Grain's worker processes stop and free their shared memory now,
+    # rather than being killed with it still registered.
+    for iterator in iterators:
+      iterator.close()
+    raise Interrupted(int(jax.device_get(state.step)), ckpt.directory)
+  return state
 
 
 def run_record(
@@ -592,10 +642,119 @@ def parse_gin(files: list[str], bindings: list[str]) -> None:
     root.removeFilter(_not_a_search_miss)
 
 
+class ConfigError(ValueError):
+  """A gin file or binding that cannot give `train` its arguments."""
+
+
+def gin_files() -> list[str]:
+  """The gin files of the repository, as --gin_file names them."""
+  return sorted(str(p.relative_to(GIN_DIR)) for p in GIN_DIR.rglob('*.gin'))
+
+
+def _closest(word: str, candidates) -> str:
+  """' (did you mean X?)' for the closest candidate, or ''."""
+  found = difflib.get_close_matches(word, sorted(set(candidates)), n=1)
+  return f'; did you mean {found[0]}?' if found else ''
+
+
+def _selectors() -> set[str]:
+  """Every way of naming a configurable gin knows: each dotted suffix."""
+  from gin import config as gin_config  # Its registry has no public API.
+
+  names = set()
+  for key, _ in gin_config._REGISTRY.items():
+    if key.startswith('gin.'):
+      continue
+    parts = key.split('.')
+    names.update('.'.join(parts[i:]) for i in range(len(parts)))
+  return names
+
+
+def _parameters(selector: str) -> list[str]:
+  from gin import config as gin_config
+
+  try:
+    found = gin_config._REGISTRY.get_match(selector)
+    return list(inspect.signature(found.wrapped).parameters)
+  except (KeyError, TypeError, ValueError, AttributeError):
+    return []
+
+
+_NO_CONFIGURABLE = r"No configurable matching (?:reference )?'@?([^'(]+)"
+_IN_CALL = r"In call to configurable '([^']+)'"
+_NO_PARAMETER = r"Configurable '(.+)' doesn't have a parameter named '(.+)'"
+
+
+def gin_error(error: BaseException) -> str:
+  """One line for a gin failure: what is wrong, where, the closest name."""
+  lines = [line.strip() for line in str(error).strip().splitlines()]
+  first = lines[0] if lines else type(error).__name__
+  where = ''
+  if len(lines) > 1 and lines[1].startswith('In '):
+    where = f' ({lines[1][3:]})'
+  if m := re.match(r'Unable to open file: (.*)\. Searched config paths', first):
+    name = m[1]
+    return (
+      f'no gin file {name} (looked in the current directory and {GIN_DIR})'
+      + _closest(name, gin_files())
+    )
+  if m := re.match(
+    r"No configurable matching (?:reference )?'@?([^'(]+)", first
+  ):
+    scope, _, name = m[1].rpartition('/')
+    hint = _closest(name, _selectors())
+    if hint and scope:
+      hint = hint.replace('mean ', f'mean {scope}/', 1)
+    return f'gin knows no configurable {m[1]!r}{where}{hint}'
+  m = re.match(
+    r"Configurable '(.+)' doesn't have a parameter named '(.+)'", first
+  )
+  if m:
+    return f'{m[1]} has no parameter {m[2]!r}{where}' + _closest(
+      m[2], _parameters(m[1])
+    )
+  if isinstance(error, SyntaxError) and not isinstance(error, ConfigError):
+    location = getattr(error, 'location', None) or error.args[-1]
+    line = getattr(location, 'line_num', None)
+    name = getattr(location, 'filename', None) or 'bindings'
+    if line is not None:
+      return f'gin cannot parse {name} line {line}: {first}'
+  if isinstance(error, tokenize.TokenError):
+    return f'gin cannot parse the bindings: {error.args[0]}'
+  if m := re.match(_IN_CALL, lines[1] if len(lines) > 1 else ''):
+    where = f' (in {m[1]})'
+  return f'{first}{where}'
+
+
+def check_config() -> None:
+  """Builds `train`'s bound arguments once, so a bad binding fails now.
+
+  Raises ConfigError when a required argument is unbound (no gin file);
+  the configs' own checks raise ValueError, wrapped by gin.
+  """
+  unbound = []
+  for name, param in inspect.signature(train).parameters.items():
+    try:
+      value = gin.query_parameter(f'train.{name}')
+    except ValueError:
+      if name != 'workdir' and param.default is inspect.Parameter.empty:
+        unbound.append(f'train.{name}')
+      continue
+    if isinstance(value, gin.config.ConfigurableReference):
+      value.scoped_configurable_fn()
+  if unbound:
+    raise ConfigError(
+      f'nothing binds {", ".join(unbound)}: give a --gin_file such as '
+      'experiments/quickstart.gin (spectrostream-train --help)'
+    )
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_quiet)
+  if _QUIET.value:
+    logging.set_verbosity(logging.WARNING)
   _start_processes()
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
@@ -605,17 +764,70 @@ def main(argv: list[str]) -> None:
     bindings.append(f'train.init_from = {_INIT_FROM.value!r}')
   if _TRAINABLE.value is not None:
     bindings.append(f'train.trainable = {_TRAINABLE.value!r}')
-  parse_gin(_GIN_FILES.value, bindings)
+  try:
+    parse_gin(_GIN_FILES.value, bindings)
+    check_config()
+  # Parsing reads nothing but the user's files and bindings: whatever it
+  # raises (OSError, ValueError, SyntaxError, tokenize's TokenError, an
+  # ImportError of a gin import line) is about them.
+  except Exception as e:
+    sys.exit(f'{PROG}: error: {gin_error(e)}')
   try:
     state = configured_train(_WORKDIR.value)
+  except Interrupted as e:
+    commands.finish_interrupted(
+      PROG,
+      f'interrupted: checkpoint {e.step} saved in {e.directory}; the same '
+      'command resumes',
+    )
   except (finetune.SourceError, trainable_lib.SpecError) as e:
     # gin appends a line naming the configurable; ours is the first.
-    sys.exit(f'spectrostream-train: error: {files.first_line(e)}')
+    sys.exit(f'{PROG}: error: {files.first_line(e)}')
   logging.info(
     'done: step %d, %d updates skipped',
     int(state.step),
     int(state.skipped),
   )
+
+
+def usage() -> str:
+  """`--help`: the flags a run needs (absl's `--helpfull` lists all)."""
+  experiments = textwrap.fill(
+    ', '.join(
+      name.removeprefix('experiments/')
+      for name in gin_files()
+      if name.startswith('experiments/')
+    ),
+    width=72,
+    initial_indent=' ' * 25,
+    subsequent_indent=' ' * 25,
+  )
+  return f"""\
+usage: {PROG} --workdir=DIR --gin_file=FILE [--gin.X=VALUE ...]
+
+Trains a SpectroStream codec, or resumes the run in DIR.
+
+  --workdir=DIR          the run: checkpoints/, tensorboard/, config.gin;
+                         a run resumes from its newest checkpoint by itself
+  --gin_file=FILE        gin config, relative to the current directory or
+                         to gin/ (repeatable); in gin/experiments/:
+{experiments}
+  --gin.SELECTOR=VALUE   one binding, e.g. --gin.train.num_steps=2000
+  --gin_bindings='SELECTOR = VALUE'
+                         the same in gin's syntax (repeatable)
+  --init_from=MODEL_DIR  start from a model directory (fine-tuning)
+  --trainable=PARTS      what learns, e.g. decoder or encoder+decoder
+  --distributed          several hosts: JAX finds the cluster (TPU pod,
+                         Slurm); or --coordinator_address, --num_processes,
+                         --process_id
+  -q, --quiet            log warnings and errors only
+  --version              print the version and exit
+  --helpfull             every flag, absl's and JAX's included
+
+Ctrl-C saves a checkpoint after the current step and exits 130 (a second
+Ctrl-C exits at once). docs/training.md is the guide; docs/finetune.md
+covers --init_from and --trainable.
+"""
 
 
 def gin_shorthand(argv: list[str]) -> list[str]:
@@ -639,8 +851,21 @@ def run() -> None:
   sys.modules.setdefault(
     'spectrostream_jax.training.train', sys.modules[__name__]
   )
+  args = sys.argv[1:]
+  # Before absl parses: --workdir is required, and absl's --help shows
+  # only this module's docstring.
+  if '--version' in args:
+    print(commands.version(PROG))
+    return
+  if any(arg in ('-h', '--help', '-?', '--helpshort') for arg in args):
+    print(usage(), end='')
+    return
+  try:
+    argv = gin_shorthand(sys.argv)
+  except app.UsageError as e:
+    sys.exit(f'{PROG}: error: {e}')
   jax.config.config_with_absl()
-  app.run(main, argv=gin_shorthand(sys.argv))
+  app.run(main, argv=argv)
 
 
 if __name__ == '__main__':
