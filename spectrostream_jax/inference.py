@@ -11,9 +11,16 @@ holds just the two official files, read as the production preset):
     codec = Codec.load('my_model')
     out = codec.reconstruct(wav)  # same length as wav
 
-Arrays in may be numpy or JAX; arrays out are numpy. Every method validates
-its input and raises ValueError with a one-line reason for anything it cannot
-treat correctly, rather than returning garbage.
+    codes = codec.encode_file('song.flac')  # any rate: resampled to 48 kHz
+    codec.decode_to_file(codes, 'song.wav')
+
+Audio in is float [batch, samples, channels] (1 or 2 channels), 48 kHz
+unless `sample_rate=` says otherwise, in which case it is resampled with
+soxr (as the `spectrostream` command does); float64 (soundfile's default)
+and float16 are cast to float32. Arrays in may be numpy or JAX; arrays out
+are numpy. Every method validates its input and raises ValueError with a
+one-line reason for anything it cannot treat correctly, rather than
+returning garbage.
 """
 
 import functools
@@ -23,12 +30,20 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import soundfile as sf
+import soxr
 
 from spectrostream_jax import checks
+from spectrostream_jax import files
 from spectrostream_jax import model_dir as model_dir_lib
 from spectrostream_jax import streaming
 from spectrostream_jax import weights
 from spectrostream_jax.models import codec as codec_lib
+
+# Float where the format holds it (the decoder's output may exceed ±1),
+# else soundfile's default for the format.
+_FLOAT_FORMATS = ('WAV', 'W64', 'AIFF', 'CAF', 'RF64')
+_INT_PCM = ('PCM_S8', 'PCM_U8', 'PCM_16', 'PCM_24', 'PCM_32')
 
 
 class Codec:
@@ -145,34 +160,114 @@ class Codec:
 
   # Entry points ---------------------------------------------------------------
 
-  def embed(self, wav) -> np.ndarray:
-    """float32 [B, T, C] at 48 kHz -> float32 [B, ceil(T/1920), D]."""
-    return np.asarray(self._embed(self.params, self._check_wav(wav)))
+  def embed(self, wav, sample_rate: int | None = None) -> np.ndarray:
+    """float [B, T, C] -> float32 [B, ceil(T'/1920), D] (T' at 48 kHz)."""
+    wav = self._check_wav(wav, sample_rate)
+    return np.asarray(self._embed(self.params, wav))
 
-  def encode(self, wav, num_levels: int | None = None) -> np.ndarray:
-    """float32 [B, T, C] -> int32 codes [B, ceil(T/1920), num_levels]."""
+  def encode(
+    self,
+    wav,
+    num_levels: int | None = None,
+    sample_rate: int | None = None,
+  ) -> np.ndarray:
+    """float [B, T, C] -> int32 codes [B, ceil(T'/1920), num_levels].
+
+    `sample_rate`: the rate of `wav`, resampled to the model's (48 kHz);
+    None means `wav` is at the model's rate already: nothing can tell a
+    44.1 kHz array from a 48 kHz one, so say so when it is not.
+    """
     levels = self._check_levels(
       self.num_levels if num_levels is None else num_levels
     )
-    return np.asarray(self._encode(self.params, self._check_wav(wav), levels))
+    wav = self._check_wav(wav, sample_rate)
+    return np.asarray(self._encode(self.params, wav, levels))
 
-  def decode(self, codes) -> np.ndarray:
-    """int codes [B, N, n] -> float32 [B, (N - 1)·1920, C], n levels used."""
-    return np.asarray(self._decode(self.params, self._check_codes(codes)))
+  def decode(self, codes, sample_rate: int | None = None) -> np.ndarray:
+    """int codes [B, N, n] -> float32 [B, (N - 1)·1920, C], n levels used.
 
-  def reconstruct(self, wav, num_levels: int | None = None) -> np.ndarray:
-    """float32 [B, T, C] -> its reconstruction [B, T, config.num_channels].
+    At the model's rate, or resampled to `sample_rate`.
+    """
+    out = np.asarray(self._decode(self.params, self._check_codes(codes)))
+    return self._resample(out, self.sample_rate, sample_rate)
+
+  def reconstruct(
+    self,
+    wav,
+    num_levels: int | None = None,
+    sample_rate: int | None = None,
+  ) -> np.ndarray:
+    """float [B, T, C] -> its reconstruction [B, T, config.num_channels].
 
     The input is zero-padded at the end to whole frames plus the decoder's
-    look-ahead, so every input sample has its reconstruction.
+    look-ahead, so every input sample has its reconstruction. With
+    `sample_rate` the codec runs at 48 kHz and the result comes back at
+    `sample_rate`, T samples long.
     """
-    wav = self._check_wav(wav)
+    t = np.shape(wav)[1] if np.ndim(wav) == 3 else 0
+    wav = self._check_wav(wav, sample_rate)
     c = self.config
-    t = wav.shape[1]
-    frames = math.ceil(t / c.samples_per_frame) + c.lookahead
-    pad = frames * c.samples_per_frame - t
+    frames = math.ceil(wav.shape[1] / c.samples_per_frame) + c.lookahead
+    pad = frames * c.samples_per_frame - wav.shape[1]
     padded = np.pad(wav, ((0, 0), (0, pad), (0, 0)))
-    return self.decode(self.encode(padded, num_levels))[:, :t]
+    out = self.decode(self.encode(padded, num_levels))
+    if sample_rate is None or sample_rate == self.sample_rate:
+      return out[:, :t]
+    out = self._resample(out, self.sample_rate, sample_rate)
+    return np.pad(out, ((0, 0), (0, max(0, t - out.shape[1])), (0, 0)))[:, :t]
+
+  def encode_file(self, path, num_levels: int | None = None) -> np.ndarray:
+    """An audio file (any rate soundfile reads) -> codes [1, N, num_levels].
+
+    Mono stays mono for the model to duplicate; the file is resampled to
+    48 kHz. For a whole album, the `spectrostream` command streams.
+    """
+    try:
+      wav, rate = sf.read(os.fspath(path), dtype='float32', always_2d=True)
+    except (sf.SoundFileError, OSError, RuntimeError) as e:
+      raise ValueError(f'cannot read {path}: {files.first_line(e)}') from e
+    return self.encode(wav[None], num_levels, sample_rate=rate)
+
+  def decode_to_file(
+    self,
+    codes,
+    path,
+    sample_rate: int | None = None,
+    subtype: str | None = None,
+  ) -> None:
+    """Codes [1, N, n] or [N, n] -> an audio file, written whole or not at all.
+
+    The format comes from the extension (.wav, .flac, .ogg, ...); WAV,
+    AIFF and W64 hold float samples, other formats get soundfile's default
+    `subtype` (integer PCM is clipped to ±1 first). At 48 kHz unless
+    `sample_rate` is given.
+    """
+    codes = checks.as_array(codes, 'codes')
+    if codes.ndim == 2:
+      codes = codes[None]
+    if codes.ndim == 3 and codes.shape[0] != 1:
+      raise ValueError(
+        f'decode_to_file writes one item; codes have batch {codes.shape[0]}'
+      )
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lstrip('.').upper()
+    formats = sf.available_formats()
+    kind = {'OGA': 'OGG', 'AIF': 'AIFF'}.get(ext, ext)
+    if kind not in formats:
+      raise ValueError(
+        f'{path}: unknown audio format {ext or "(no extension)"!r}; '
+        'use .wav, .flac, .ogg or another soundfile format'
+      )
+    if subtype is None:
+      subtype = 'FLOAT' if kind in _FLOAT_FORMATS else sf.default_subtype(kind)
+    if not sf.check_format(kind, subtype):
+      raise ValueError(f'{path}: {kind} cannot hold subtype {subtype!r}')
+    rate = sample_rate or self.sample_rate
+    wav = self.decode(codes, sample_rate)[0]
+    if subtype in _INT_PCM:
+      wav = np.clip(wav, -1.0, 1.0)
+    with files.atomic_path(path) as tmp:
+      sf.write(tmp, wav, rate, subtype=subtype, format=kind)
 
   def decode_embeddings(self, emb) -> np.ndarray:
     """Continuous embeddings [B, N, D] -> waveform, without quantisation."""
@@ -181,8 +276,27 @@ class Codec:
 
   # Validation ----------------------------------------------------------------
 
-  def _check_wav(self, wav) -> np.ndarray:
-    return checks.check_audio(wav)
+  def _check_wav(self, wav, sample_rate: int | None = None) -> np.ndarray:
+    """float32 audio at the model's rate; see the module docstring."""
+    wav = checks.as_array(wav, 'wav')
+    if np.issubdtype(wav.dtype, np.floating) and wav.dtype != np.float32:
+      wav = wav.astype(np.float32)
+    wav = checks.check_audio(wav)
+    return self._resample(wav, sample_rate, self.sample_rate)
+
+  def _resample(self, wav: np.ndarray, rate, to) -> np.ndarray:
+    """[B, T, C] from `rate` to `to` (None: no change) with soxr."""
+    if rate is None or to is None:
+      return wav
+    for r in (rate, to):
+      if isinstance(r, bool) or not isinstance(r, int | np.integer) or r < 1:
+        raise ValueError(f'sample_rate must be a positive int, got {r!r}')
+    if rate == to:
+      return wav
+    out = np.stack([soxr.resample(x, int(rate), int(to)) for x in wav])
+    if out.shape[1] == 0:
+      raise ValueError(f'wav is too short to resample: {wav.shape[1]} samples')
+    return out.astype(np.float32, copy=False)
 
   def _check_levels(self, levels) -> int:
     return checks.check_levels(levels, self.num_levels)

@@ -4,6 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
+import soundfile as sf
+import soxr
 
 from spectrostream_jax import Codec
 from spectrostream_jax import weights
@@ -62,7 +64,6 @@ def test_kbps_helpers():
   'bad,match',
   [
     (np.zeros((4800, 2), np.float32), 'batch, samples, channels'),
-    (np.zeros((1, 4800, 2), np.float64), 'float32'),
     (np.zeros((1, 4800, 2), np.int16), 'float32'),
     (np.zeros((1, 4800, 3), np.float32), '1 or 2 channels'),
     (np.zeros((1, 0, 2), np.float32), 'empty'),
@@ -145,3 +146,99 @@ def test_reconstruct_is_aligned_with_decode(codec):
   np.testing.assert_allclose(
     codec.reconstruct(x)[:, : plain.shape[1]], plain, atol=1e-5
   )
+
+
+# Sample rates, dtypes and files ----------------------------------------------
+
+
+def test_float64_is_cast_to_float32(codec):
+  x = clip()
+  np.testing.assert_array_equal(
+    codec.encode(x.astype(np.float64), 4), codec.encode(x, 4)
+  )
+  np.testing.assert_array_equal(
+    codec.embed(x.astype(np.float64)), codec.embed(x)
+  )
+
+
+def test_encode_resamples_from_the_given_rate(codec):
+  x44 = soxr.resample(clip()[0], 48000, 44100)[None]
+  at48 = soxr.resample(x44[0], 44100, 48000)[None]
+  codes = codec.encode(x44, 4, sample_rate=44100)
+  # The same codes as resampling first with soxr (what the CLI does).
+  np.testing.assert_array_equal(codes, codec.encode(at48, 4))
+  assert codes.shape == (1, -(-at48.shape[1] // 1920), 4)
+  # Without sample_rate the array is taken as 48 kHz: other codes.
+  assert codec.encode(x44, 4).shape != codes.shape or not np.array_equal(
+    codec.encode(x44, 4), codes
+  )
+  np.testing.assert_array_equal(
+    codec.encode(at48, 4, sample_rate=48000), codec.encode(at48, 4)
+  )
+
+
+def test_decode_and_reconstruct_at_a_sample_rate(codec):
+  x = clip(t=8 * 1920)
+  codes = codec.encode(x, 4)
+  at48 = codec.decode(codes)
+  at24 = codec.decode(codes, sample_rate=24000)
+  assert at24.shape == (1, at48.shape[1] // 2, 2) and at24.dtype == np.float32
+  np.testing.assert_allclose(
+    at24, soxr.resample(at48[0], 48000, 24000)[None], atol=1e-6
+  )
+  x22 = soxr.resample(x[0], 48000, 22050)[None]
+  out = codec.reconstruct(x22, 4, sample_rate=22050)
+  assert out.shape == x22.shape and out.dtype == np.float32
+
+
+@pytest.mark.parametrize('rate', [0, -1, 44100.0, True])
+def test_bad_sample_rate(codec, rate):
+  with pytest.raises(ValueError, match='sample_rate must be a positive int'):
+    codec.encode(clip(), 4, sample_rate=rate)
+
+
+def test_encode_file_and_decode_to_file(codec, tmp_path):
+  song = tmp_path / 'song.flac'
+  x44 = soxr.resample(clip()[0], 48000, 44100)
+  sf.write(song, x44, 44100, subtype='PCM_24')
+  codes = codec.encode_file(song, 4)
+  read = sf.read(song, dtype='float32', always_2d=True)[0]
+  np.testing.assert_array_equal(
+    codes, codec.encode(read[None], 4, sample_rate=44100)
+  )
+  out = tmp_path / 'out.wav'
+  codec.decode_to_file(codes, out)
+  info = sf.info(out)
+  assert (info.samplerate, info.channels, info.subtype) == (48000, 2, 'FLOAT')
+  np.testing.assert_array_equal(
+    sf.read(out, dtype='float32')[0], codec.decode(codes)[0]
+  )
+  # [N, n] codes, another rate, a format chosen by the extension.
+  codec.decode_to_file(codes[0], tmp_path / 'out.flac', sample_rate=44100)
+  info = sf.info(tmp_path / 'out.flac')
+  assert (info.format, info.samplerate) == ('FLAC', 44100)
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+    'out.flac',
+    'out.wav',
+    'song.flac',
+  ]
+
+
+def test_file_errors_leave_nothing(codec, tmp_path):
+  codes = codec.encode(clip(), 4)
+  with pytest.raises(ValueError, match="unknown audio format 'XYZ'"):
+    codec.decode_to_file(codes, tmp_path / 'out.xyz')
+  with pytest.raises(ValueError, match='one item; codes have batch 2'):
+    codec.decode_to_file(np.concatenate([codes, codes]), tmp_path / 'o.wav')
+  with pytest.raises(ValueError, match='cannot hold subtype'):
+    codec.decode_to_file(codes, tmp_path / 'o.flac', subtype='FLOAT')
+  with pytest.raises(ValueError, match='cannot read'):
+    codec.encode_file(tmp_path / 'missing.wav')
+  assert not list(tmp_path.iterdir())
+  # A failed write leaves an older file as it was.
+  old = tmp_path / 'old.wav'
+  old.write_bytes(b'previous')
+  with pytest.raises(ValueError):
+    codec.decode_to_file(codes, old, subtype='VORBIS')
+  assert old.read_bytes() == b'previous'
+  assert [p.name for p in tmp_path.iterdir()] == ['old.wav']
