@@ -31,7 +31,10 @@ def _clip(seconds, rate, channels, seed=0):
 
 
 def _run(capsys, *argv):
-  rc = cli.main([str(a) for a in argv])
+  try:
+    rc = cli.main([str(a) for a in argv])
+  except SystemExit as e:  # argparse: usage errors exit 2.
+    rc = e.code
   out, err = capsys.readouterr()
   assert 'Traceback' not in err
   return rc, out, err
@@ -130,11 +133,11 @@ def test_directories_recursively(model, tmp_path, capsys):
   assert rc == 0, err
   two = sf.info(str(tmp_path / 'd' / 'a' / 'b' / 'two.wav'))
   assert (two.samplerate, two.channels, two.frames) == (32_000, 1, 9600)
-  # Existing outputs are kept unless --overwrite.
+  # Existing outputs are kept (and skipped) unless --overwrite.
   rc, _, err = _run(
     capsys, 'encode', '--model', model_dir, tree, tmp_path / 'c'
   )
-  assert rc == 1 and 'exists' in err
+  assert rc == 0 and '2 skipped' in err
 
 
 def test_info(model, tmp_path, capsys):
@@ -202,17 +205,19 @@ def test_wrong_model_and_user_mistakes(model, tmp_path, capsys):
   assert 'another model' in err
   bad_audio = tmp_path / 'bad.flac'
   bad_audio.write_bytes(b'fLaC' + bytes(100))
-  for argv in (
-    ['encode', '--model', model_dir, '--kbps', '0.5', src, tmp_path / 'z'],
-    ['encode', '--model', model_dir, '--levels', '99', src, tmp_path / 'z'],
-    ['encode', '--model', tmp_path / 'nope', src, tmp_path / 'z'],
-    ['encode', '--model', model_dir, tmp_path / 'missing.wav', tmp_path / 'z'],
-    ['encode', '--model', model_dir, bad_audio, tmp_path / 'z'],
-    ['encode', '--model', model_dir, '--block-seconds', '0', src, 'z'],
+  z = tmp_path / 'z'
+  for want, argv in (
+    (1, ['--model', model_dir, '--kbps', '0.5', src, z]),
+    (1, ['--model', model_dir, '--levels', '99', src, z]),
+    (1, ['--model', tmp_path / 'nope', src, z]),
+    (1, ['--model', model_dir, tmp_path / 'missing.wav', z]),
+    (1, ['--model', model_dir, bad_audio, z]),
+    (2, ['--model', model_dir, '--block-seconds', '0', src, z]),
   ):
-    rc, _, err = _run(capsys, *argv)
-    assert rc == 1, argv
-    assert not (tmp_path / 'z').exists()
+    rc, _, err = _run(capsys, 'encode', *argv)
+    assert rc == want, argv
+    assert len(err.splitlines()) == 1, err
+    assert not z.exists()
 
 
 def test_demo_reports_frame_times(model, tmp_path, capsys):
