@@ -63,13 +63,15 @@ def prepare_weights(config: codec_lib.CodecConfig, params: dict) -> dict:
   """Params plus the layouts a step would otherwise recompute every call.
 
   Step mode cannot amortise per-call weight transforms: the transposed
-  convs' phase kernels and the codebook norms are computed here once.
+  convs' phase kernels, the codebook norms and the per-level codebooks
+  are computed here once.
   """
   prepared = _prepared_tensors(config, params)
   return {
     'encoder': params['encoder'],
     'decoder': params['decoder'],
-    'codebooks': _levels(params['quantizer']['embedding']),
+    'codebooks': params['quantizer']['embedding'],
+    'codebook_levels': _levels(params['quantizer']['embedding']),
     'prepared_decoder': prepared['decoder'],
     'code_norms': _levels(prepared['code_norms']),
   }
@@ -77,11 +79,11 @@ def prepare_weights(config: codec_lib.CodecConfig, params: dict) -> dict:
 
 @jax.jit
 def _levels(stacked: jax.Array) -> tuple[jax.Array, ...]:
-  """[levels, ...] -> one array per level.
+  """[levels, ...] -> one array per level (a copy: 64 MB in production).
 
   A level's codebook sliced out of the stack inside a step is copied
   before its matmul (1 MB per level, 64 per frame); separate buffers are
-  read in place.
+  read in place. Decoding gathers a few rows and keeps the stack.
   """
   return tuple(stacked)
 
@@ -96,15 +98,6 @@ def _quantize(codebooks, norms, emb: jax.Array, num_levels: int) -> jax.Array:
     emb = emb - jnp.take(codebook, code, axis=0)
     codes.append(code)
   return jnp.stack(codes, axis=-1)
-
-
-def _dequantize(codebooks, codes: jax.Array) -> jax.Array:
-  """`rvq.decode` on per-level buffers, summed in the same order."""
-  picked = [
-    jnp.take(codebook, codes[..., level], axis=0)
-    for level, codebook in enumerate(codebooks[: codes.shape[-1]])
-  ]
-  return jnp.sum(jnp.stack(picked), axis=0)
 
 
 def _zeros_like_shapes(tree):
@@ -187,7 +180,7 @@ def encode_step(
   codes = None
   if num_levels is not None:
     codes = _quantize(
-      weights['codebooks'], weights['code_norms'], emb, num_levels
+      weights['codebook_levels'], weights['code_norms'], emb, num_levels
     )
   return state, emb, codes
 
@@ -206,7 +199,7 @@ def decode_step(
   look-ahead and hold zeros; the wrappers drop them.
   """
   if jnp.issubdtype(inputs.dtype, jnp.integer):
-    emb = _dequantize(weights['codebooks'], inputs)
+    emb = rvq.decode(weights['codebooks'], inputs)
   else:
     emb = inputs.astype(jnp.float32)
   feats, net = _decoder_net(
