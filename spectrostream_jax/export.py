@@ -29,6 +29,7 @@ from jax import export as jax_export
 import jax.numpy as jnp
 import numpy as np
 
+from spectrostream_jax import commands
 from spectrostream_jax import files
 from spectrostream_jax import inference
 from spectrostream_jax import model_dir as model_dir_lib
@@ -243,9 +244,10 @@ def export_workdir(
 
 
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  parser = commands.Parser(
     prog='spectrostream-export',
-    description='Turns a spectrostream-train workdir into a model directory.',
+    description='Turns a spectrostream-train workdir into a model directory '
+    '(docs/export.md).',
   )
   parser.add_argument(
     '--workdir', required=True, help='training run (its checkpoints/)'
@@ -255,7 +257,7 @@ def _parser() -> argparse.ArgumentParser:
     '--step', type=int, help='checkpoint step to export (default: newest)'
   )
   parser.add_argument(
-    '--block_frames',
+    '--block-frames',
     type=int,
     nargs='+',
     default=list(DEFAULT_BLOCK_FRAMES),
@@ -271,13 +273,19 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument(
     '--overwrite', action='store_true', help='replace a non-empty --out'
   )
+  commands.add_verbosity(
+    parser,
+    quiet='print nothing on success',
+    verbose="show JAX's and Orbax's log lines",
+  )
+  commands.add_version(parser, parser.prog)
   return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
   """Console entry point; a user mistake exits 1 with a one-line reason."""
   args = _parser().parse_args(argv)
-  logging.set_verbosity(logging.ERROR)
+  logging.set_verbosity(logging.INFO if args.verbose else logging.ERROR)
   try:
     model_id, step = export_workdir(
       args.workdir,
@@ -290,8 +298,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   # ImportError: jax.export needs the flatbuffers package to serialize.
   except (ValueError, OSError, ImportError) as e:
     sys.exit(f'spectrostream-export: error: {e}')
-  print(f'exported step {step} to {os.path.abspath(args.out)}')
-  print(f'model_id {model_id}')
+  if not args.quiet:
+    print(f'exported step {step} to {os.path.abspath(args.out)}')
+    print(f'model_id {model_id}')
 
 
 if __name__ == '__main__':

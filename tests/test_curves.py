@@ -55,3 +55,26 @@ def test_a_glob_draws_its_matches_in_one_panel(tmp_path, capsys):
   assert 'vq/usage/L07: first 1.7, last 3.7' in printed
   assert 'vq/usage/L08' not in printed
   assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_an_unknown_tag_is_an_error_naming_the_closest(tmp_path, capsys):
+  writer = SummaryWriter(str(tmp_path / 'tensorboard'))
+  for step in range(1, 3):
+    writer.add_scalar('g/mel', 1.0, step)
+    for level in range(3):
+      writer.add_scalar(f'vq/usage/L{level:02d}', 0.5, step)
+  writer.close()
+  out = tmp_path / 'c.png'
+  base = ['--workdir', str(tmp_path), '--out', str(out)]
+  assert curves.main([*base, '--tags', 'g/mel,g/mle']) == 1
+  err = capsys.readouterr().err.strip()
+  assert err == (
+    "curves: error: no scalar 'g/mle' was logged; did you mean g/mel? "
+    'logged: g/mel, vq/usage/L*'
+  )
+  assert curves.main([*base, '--tags', 'd/*']) == 1
+  assert "no scalar 'd/*'" in capsys.readouterr().err
+  assert not out.exists()
+  # The default tags: those the run did not log are left out quietly.
+  assert curves.main(base) == 0
+  assert out.exists()

@@ -206,6 +206,40 @@ def test_bad_input_is_one_line(
     code = e.value.code
   err = capsys.readouterr().err.strip()
   assert code != 0 and message in err and len(err.splitlines()) == 1
+  # A failed run leaves no --out behind.
+  assert not (tmp_path / 'o').exists()
+
+
+def test_out_must_be_a_writable_directory(
+  model_dir, data_dir, tmp_path, capsys
+):
+  (tmp_path / 'file').write_text('x')
+  for out in (tmp_path / 'file', tmp_path / 'file' / 'o'):
+    argv = ['--model', model_dir, '--data', data_dir, '--out', str(out)]
+    assert ladder.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (
+      f'spectrostream-eval: error: --out {out}: {tmp_path / "file"} is not '
+      'a directory'
+    )
+  assert [p.name for p in tmp_path.iterdir()] == ['file']
+
+
+def test_the_title_names_the_baselines_that_ran(results):
+  _, r = results
+  first = report.markdown(r).splitlines()[0]
+  assert first.startswith(
+    '# Bitrate ladder: SpectroStream vs Opus, AAC, MP3 on '
+  )
+  alone = {
+    **r,
+    'rows': [w for w in r['rows'] if w['system'] == 'spectrostream'],
+  }
+  first = report.markdown(alone).splitlines()[0]
+  assert first.startswith(
+    '# Bitrate ladder: SpectroStream alone (no baseline ran) on '
+  )
+  assert 'Opus' not in first
 
 
 def test_without_baselines_the_neural_rows_are_unchanged(
@@ -244,3 +278,19 @@ def test_short_files_are_evaluated_whole(data_dir, tmp_path):
   # The clip is the file: the same samples as reading it directly.
   whole, _ = sf.read(os.path.join(data_dir, 'track0.wav'), dtype='float32')
   np.testing.assert_array_equal(data.clips[1].audio, whole)
+
+
+def test_quiet_prints_nothing_and_writes_the_results(
+  codec, model_dir, data_dir, tmp_path, capsys, monkeypatch
+):
+  monkeypatch.setattr(inference.Codec, 'load', lambda path: codec)
+  out = tmp_path / 'ladder'
+  argv = ['--model', model_dir, '--data', data_dir, '--out', str(out)]
+  argv += ['--kbps', '0.45', '--clip-seconds', '1', '--max-clips', '1']
+  argv += ['--baselines', 'none', '--no-visqol', '--workers', '0', '-q']
+  assert ladder.main(argv) == 0
+  printed = capsys.readouterr()
+  assert (printed.out, printed.err) == ('', '')
+  assert {'results.json', 'results.md'} <= set(os.listdir(out))
+  title = (out / 'results.md').read_text().splitlines()[0]
+  assert title.startswith('# Bitrate ladder: SpectroStream alone')

@@ -467,7 +467,7 @@ def test_exports_the_ema_of_a_training_run(workdir, tmp_path):
       str(script),
       f'--workdir={workdir}',
       f'--out={out}',
-      '--block_frames',
+      '--block-frames',
       '2',
       '--platforms',
       'cpu',
@@ -501,7 +501,7 @@ def test_exports_the_ema_of_a_training_run(workdir, tmp_path):
       f'--workdir={workdir}',
       f'--out={tmp_path / "step1"}',
       '--step=1',
-      '--block_frames=2',
+      '--block-frames=2',
       '--platforms=cpu',
     ]
   )

@@ -15,21 +15,15 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, NoReturn
+from typing import Any
 
 from spectrostream_jax import channels
+from spectrostream_jax import commands as commands_lib
 from spectrostream_jax.data import arrayrecord
 from spectrostream_jax.data import debian
 from spectrostream_jax.data import index as index_lib
 from spectrostream_jax.data import lossless
 from spectrostream_jax.data import transforms
-
-
-class _Parser(argparse.ArgumentParser):
-  """Reports usage errors on one line."""
-
-  def error(self, message: str) -> NoReturn:
-    self.exit(2, f'{self.prog}: error: {message}\n')
 
 
 def _scan(args: argparse.Namespace) -> dict[str, Any]:
@@ -81,13 +75,14 @@ def _fetch_lossless(args: argparse.Namespace) -> dict[str, Any]:
   )
 
 
-def _parser() -> _Parser:
+def _parser() -> commands_lib.Parser:
   crop = transforms.AudioConfig().crop_seconds
   build = arrayrecord.BuildConfig()
-  parser = _Parser(
+  parser = commands_lib.Parser(
     prog='spectrostream-data',
     description='Audio corpus tools of spectrostream_jax (see docs/data.md).',
   )
+  commands_lib.add_version(parser, parser.prog)
   commands = parser.add_subparsers(dest='command', required=True)
 
   def corpus_options(p: argparse.ArgumentParser) -> None:

@@ -34,12 +34,13 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 from rich import console as rich_console
 from rich import progress as rich_progress
 
+from spectrostream_jax import commands
 from spectrostream_jax.evaluation import baselines as baselines_lib
 from spectrostream_jax.evaluation import clips as clips_lib
 from spectrostream_jax.evaluation import metrics
@@ -203,6 +204,7 @@ def evaluate(
   opus_tools: opus.Tools | None = None,
   visqol: bool,
   workers: int,
+  progress: bool = True,
 ) -> dict[str, Any]:
   """Scores every clip at every rate: rows, codebook statistics, notes.
 
@@ -229,7 +231,9 @@ def evaluate(
   )
   try:
     console = rich_console.Console(stderr=True)
-    with rich_progress.Progress(*columns, console=console) as bar:
+    with rich_progress.Progress(
+      *columns, console=console, disable=not progress
+    ) as bar:
       per_clip = len(rates) + sum(len(t) for t in targets.values())
       task = bar.add_task(
         'clip × kbps × system', total=len(data.clips) * per_clip
@@ -427,11 +431,8 @@ def _model_info(codec: Codec, model_dir: str) -> dict[str, Any]:
 # Command line --------------------------------------------------------------
 
 
-class OneLineParser(argparse.ArgumentParser):
-  """Reports usage errors on one line."""
-
-  def error(self, message: str) -> NoReturn:
-    self.exit(2, f'{self.prog}: error: {message}\n')
+# One-line usage errors, dashed flags (evaluation/spectrograms.py uses it).
+OneLineParser = commands.Parser
 
 
 def kbps_list(text: str) -> list[float]:
@@ -460,12 +461,28 @@ def _baseline_list(text: str) -> list[str]:
   return list(dict.fromkeys(names))
 
 
+def check_out(out: str) -> None:
+  """ValueError unless `out` is, or can be made as, a writable directory.
+
+  Nothing is created: --out appears with the results, so a run that
+  fails or is interrupted leaves none behind.
+  """
+  path = os.path.abspath(out)
+  while not os.path.lexists(path):
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    raise ValueError(f'--out {out}: {path} is not a directory')
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise ValueError(f'--out {out}: cannot write in {path}')
+
+
 def _parser() -> OneLineParser:
   p = OneLineParser(
     prog='spectrostream-eval',
-    description='Bitrate ladder of a SpectroStream model against Opus '
-    '(docs/evaluation.md).',
+    description='Bitrate ladder of a SpectroStream model, next to classic '
+    'codecs (Opus, AAC, MP3) unless --baselines none (docs/evaluation.md).',
   )
+  commands.add_version(p, p.prog)
   p.add_argument('--model', required=True, help='model directory')
   p.add_argument(
     '--data', required=True, help='directory, glob or .jsonl/.csv manifest'
@@ -495,6 +512,12 @@ def _parser() -> OneLineParser:
     f'model only (default {",".join(DEFAULT_BASELINES)})',
   )
   p.add_argument('--no-visqol', action='store_true', help='skip ViSQOL')
+  p.add_argument(
+    '-q',
+    '--quiet',
+    action='store_true',
+    help='no progress bar and no closing line; errors only',
+  )
   return p
 
 
@@ -514,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
       )
     rates, notes = rates_for(codec, args.kbps)
     # Before the data: an unusable --out should fail in seconds, not hours.
-    os.makedirs(args.out, exist_ok=True)
+    check_out(args.out)
     data = clips_lib.load(
       args.data,
       args.clip_seconds,
@@ -558,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
       opus_tools=tools,
       visqol=not (args.no_visqol or missing),
       workers=args.workers,
+      progress=not args.quiet,
     )
   except KeyboardInterrupt:
     print(f'{parser.prog}: interrupted', file=sys.stderr)
@@ -611,9 +635,11 @@ def main(argv: list[str] | None = None) -> int:
     'notes': notes + results['notes'],
   }
   written = report.write_all(args.out, output)
-  print(
-    f'{parser.prog}: wrote {", ".join(written)} to {args.out}', file=sys.stderr
-  )
+  if not args.quiet:
+    print(
+      f'{parser.prog}: wrote {", ".join(written)} to {args.out}',
+      file=sys.stderr,
+    )
   return 0
 
 

@@ -53,6 +53,27 @@ def write_all(out_dir: str, results: dict[str, Any]) -> list[str]:
   return ['results.json', 'results.csv', 'results.md', *plots(out_dir, results)]
 
 
+# How results.md names the classic codecs (evaluation/baselines.py).
+_NAMES = {
+  'opus': 'Opus',
+  'aac': 'AAC',
+  'mp3': 'MP3',
+  'opus-tools': 'opus-tools',
+}
+
+
+def ladder_title(results: dict[str, Any]) -> str:
+  """'SpectroStream vs Opus, AAC' for the codecs that have rows, or alone."""
+  others = [
+    _NAMES.get(s, s)
+    for s in dict.fromkeys(row['system'] for row in results['rows'])
+    if s != 'spectrostream'
+  ]
+  if not others:
+    return 'SpectroStream alone (no baseline ran)'
+  return f'SpectroStream vs {", ".join(others)}'
+
+
 def _fmt(x: Any, digits: int = 3) -> str:
   if x is None or (isinstance(x, float) and not math.isfinite(x)):
     return '–'
@@ -87,7 +108,7 @@ def markdown(results: dict[str, Any]) -> str:
   config, model, data = results['config'], results['model'], results['data']
   env = results['environment']
   head = [
-    f'# Bitrate ladder: SpectroStream vs classic codecs on {config["data"]}',
+    f'# Bitrate ladder: {ladder_title(results)} on {config["data"]}',
     '',
     f'Model `{config["model"]}` (id {model["model_id"][:12]}, '
     f'{model["kbps_per_level"]:g} kbps per level, {model["num_levels"]} '

@@ -8,13 +8,17 @@ of `Event` protos, parsed with tensorboardX's own proto classes) and plots
 the chosen tags against the step, one panel per tag. A tag with glob
 characters is a group drawn in one panel, one line per match: for example
 `'g/share/*'` (what each loss contributes to the gradient) or
-`'vq/usage/L0[0-7]'` (codebook usage of levels 1-8).
+`'vq/usage/L0[0-7]'` (codebook usage of levels 1-8). A tag given with
+--tags that the run did not log is an error naming the closest logged
+one; of the default tags, those not logged are left out.
 """
 
 import argparse
+import difflib
 import fnmatch
 import glob
 import os
+import re
 import struct
 import sys
 
@@ -77,6 +81,24 @@ def panels(scalars: dict, tags) -> list[tuple[str, list[str]]]:
   return out
 
 
+def logged_names(scalars: dict) -> list[str]:
+  """The logged tags, per-level series (`vq/usage/L00`...) as one glob."""
+  return sorted({re.sub(r'/L\d+$', '/L*', tag) for tag in scalars})
+
+
+def check_tags(scalars: dict, tags) -> None:
+  """ValueError naming the first tag or glob that matches nothing logged."""
+  for tag in tags:
+    if panels(scalars, [tag]):
+      continue
+    close = difflib.get_close_matches(tag, list(scalars), n=1)
+    hint = f'did you mean {close[0]}? ' if close else ''
+    raise ValueError(
+      f'no scalar {tag!r} was logged; {hint}logged: '
+      + ', '.join(logged_names(scalars))
+    )
+
+
 def plot(
   scalars: dict, tags, out: str, title: str = '', smooth: int = 1
 ) -> None:
@@ -135,7 +157,12 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument('--workdir', required=True)
   ap.add_argument('--out', required=True)
-  ap.add_argument('--tags', default=','.join(DEFAULT_TAGS))
+  ap.add_argument(
+    '--tags',
+    default=None,
+    help='comma-separated tags or globs (default: '
+    f'{",".join(DEFAULT_TAGS)}, those logged)',
+  )
   ap.add_argument('--smooth', type=int, default=1)
   ap.add_argument('--title', default='')
   args = ap.parse_args(argv)
@@ -144,15 +171,18 @@ def main(argv=None) -> int:
   if not scalars:
     print(f'curves: error: no scalars under {logdir}', file=sys.stderr)
     return 1
+  tags = DEFAULT_TAGS if args.tags is None else args.tags.split(',')
   try:
-    plot(scalars, args.tags.split(','), args.out, args.title, args.smooth)
+    if args.tags is not None:
+      check_tags(scalars, tags)
+    plot(scalars, tags, args.out, args.title, args.smooth)
   except ValueError as e:
     print(f'curves: error: {e}', file=sys.stderr)
     return 1
   last = {t: float(v[-1]) for t, (_, v) in scalars.items()}
   last_step = max(int(s[-1]) for s, _ in scalars.values())
   print(f'wrote {args.out}; last step {last_step}')
-  for _, matched in panels(scalars, args.tags.split(',')):
+  for _, matched in panels(scalars, tags):
     for tag in matched:
       print(f'  {tag}: first {scalars[tag][1][0]:.4g}, last {last[tag]:.4g}')
   return 0

@@ -1,0 +1,137 @@
+"""What spectrostream-export, -eval and -data share (commands.py): Ctrl-C,
+--version, -q/-v and dashed flags, run through the console entry points
+that pyproject.toml names.
+"""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+COMMANDS = ('spectrostream-export', 'spectrostream-eval', 'spectrostream-data')
+
+
+def command(name: str) -> list[str]:
+  """argv that runs console script `name` as pyproject.toml declares it."""
+  with open(REPO / 'pyproject.toml', 'rb') as f:
+    target = tomllib.load(f)['project']['scripts'][name]
+  module, func = target.split(':')
+  code = (
+    f'import importlib, sys; m = importlib.import_module({module!r}); '
+    f'sys.exit(getattr(m, {func!r})())'
+  )
+  return [sys.executable, '-c', code]
+
+
+def run(name: str, *args: str) -> subprocess.CompletedProcess:
+  return subprocess.run(
+    [*command(name), *args],
+    cwd=REPO,
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+
+
+@pytest.mark.parametrize('name', COMMANDS)
+def test_version(name):
+  done = run(name, '--version')
+  assert done.returncode == 0, done.stderr
+  assert done.stdout.startswith(f'{name} (spectrostream_jax ')
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory) -> pathlib.Path:
+  out = tmp_path_factory.mktemp('music')
+  rng = np.random.default_rng(0)
+  for i in range(2):
+    sf.write(out / f'{i}.wav', 0.1 * rng.standard_normal((96000, 2)), 48000)
+  return out
+
+
+def interrupt(argv, cwd, after: float) -> tuple[int, str]:
+  """Runs `argv`, sends SIGINT `after` seconds in; (status, stderr)."""
+  proc = subprocess.Popen(
+    argv,
+    cwd=cwd,
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  time.sleep(after)
+  assert proc.poll() is None, 'the command ended before the interrupt'
+  proc.send_signal(signal.SIGINT)
+  try:
+    _, err = proc.communicate(timeout=60)
+  finally:
+    proc.kill()
+  return proc.returncode, err
+
+
+@pytest.mark.parametrize(
+  'name,args,after',
+  [
+    # While importing JAX and the package.
+    ('spectrostream-export', ['--workdir', '{tmp}/run', '--out', '{out}'], 1),
+    ('spectrostream-data', ['build', '{data}', '{out}'], 1),
+    ('spectrostream-eval', ['--model', '{model}', '--data', '{data}'], 1),
+    # Loading clips, compiling the codec or scoring.
+    ('spectrostream-eval', ['--model', '{model}', '--data', '{data}'], 12),
+  ],
+)
+def test_ctrl_c_is_one_line_and_130(
+  name, args, after, data_dir, tiny_model_dir, tmp_path
+):
+  out = tmp_path / 'out'
+  paths = {'tmp': tmp_path, 'out': out, 'data': data_dir}
+  paths['model'] = tiny_model_dir
+  argv = [*command(name), *(a.format(**paths) for a in args)]
+  if name == 'spectrostream-eval':
+    argv += ['--out', str(out), '--workers', '0', '--clip-seconds', '1']
+  status, err = interrupt(argv, REPO, after)
+  assert status == 130, err
+  assert err.strip().splitlines() == [f'{name}: interrupted'], err
+  # Nothing half-made: no --out, no temp file.
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_export_flags_have_dashes_and_the_old_spelling_still_works(tmp_path):
+  done = run('spectrostream-export', '--help')
+  assert '--block-frames' in done.stdout
+  assert '--block_frames' not in done.stdout
+  assert '-q, --quiet' in done.stdout and '-v, --verbose' in done.stdout
+  for flag in ('--block-frames', '--block_frames'):
+    done = run(
+      'spectrostream-export',
+      f'--workdir={tmp_path / "none"}',
+      f'--out={tmp_path / "m"}',
+      flag,
+      '1',
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+      f'spectrostream-export: error: no such workdir: {tmp_path / "none"}'
+    )
+
+
+def test_parser_maps_underscores_only_onto_known_dashed_flags():
+  from spectrostream_jax import commands
+
+  parser = commands.Parser(prog='p')
+  parser.add_argument('--clip-seconds', type=float)
+  parser.add_argument('name', nargs='*')
+  args = parser.parse_args(['--clip_seconds=2', '--', '--clip_seconds'])
+  assert args.clip_seconds == 2.0 and args.name == ['--clip_seconds']
+  assert parser.parse_args(['--clip_seconds', '3']).clip_seconds == 3.0
+  with pytest.raises(SystemExit):
+    parser.parse_args(['--other_flag', '1'])
