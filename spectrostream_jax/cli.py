@@ -39,6 +39,7 @@ from spectrostream_jax.data import index
 from spectrostream_jax.inference import Codec
 
 PROG = 'spectrostream'
+BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports `yes | head`.
 SUFFIX = '.sps'
 # Samples read from a file per call: a fixed size, so the resampler sees
 # the same chunks whatever the block size.
@@ -333,6 +334,8 @@ def _decoded(reader, dec):
 
 @dataclasses.dataclass
 class _Plan:
+  """Input -> output pairs and, in a folder, what will not be done."""
+
   pairs: list[tuple[pathlib.Path, pathlib.Path]]
   folder: bool = False
   ignored: list[pathlib.Path] = dataclasses.field(default_factory=list)
@@ -734,7 +737,18 @@ def main(argv=None) -> int:
   except (UserError, bitstream.BitstreamError) as e:
     print(f'{PROG}: error: {files.first_line(e)}', file=sys.stderr)
     return 1
+  except BrokenPipeError:
+    # The reader went away (`spectrostream info x.sps | head -2`): not an
+    # error to print. Python would report it again when it flushes stdout
+    # at exit, so stdout goes to /dev/null first.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return BROKEN_PIPE
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  # `python -m spectrostream_jax.cli`: numpy has started its BLAS threads
+  # by now, too late to block SIGINT in all of them, so start again the
+  # way the console script does (commands.py) for the same Ctrl-C. (Until
+  # here Ctrl-C is Python's KeyboardInterrupt.)
+  code = 'from spectrostream_jax import commands; commands.spectrostream()'
+  os.execv(sys.executable, [sys.executable, '-c', code, *sys.argv[1:]])

@@ -1,5 +1,7 @@
 """Ctrl-C ends `spectrostream` at once: one line, exit 130, no temp file.
 
+A reader that closes the pipe early (`| head`) ends it quietly too.
+
 The command runs as its console script would: the entry point is read
 from pyproject.toml and called with the repository root as the working
 directory, so this checks whatever entry point the tree declares.
@@ -159,3 +161,17 @@ def test_main_leaves_keyboard_interrupt_to_its_caller(monkeypatch, tmp_path):
   monkeypatch.setattr(bitstream, 'read_header', interrupted)
   with pytest.raises(KeyboardInterrupt):
     cli.main(['info', str(tmp_path / 'x.sps')])
+
+
+def test_closed_stdout_is_not_a_traceback(inputs):
+  p = subprocess.Popen(
+    [*_command(), 'info', str(inputs / 'long.sps')],
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  p.stdout.close()  # Before the command has printed anything.
+  stderr = p.stderr.read()
+  p.wait(timeout=60)
+  assert (p.returncode, stderr) == (141, '')

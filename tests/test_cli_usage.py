@@ -236,7 +236,11 @@ def test_kbps_outside_the_model_names_its_range(model_dir, tmp_path, capsys):
       f'spectrostream: error: --kbps {kbps}: this model codes 0.15 to '
       '1.2 kbps in steps of 0.15 (1 to 8 levels)'
     ]
-  assert '0.25 per level' not in cli._parser().format_help()
+  parser = cli._parser()
+  encode = parser._subparsers._group_actions[0].choices['encode']
+  assert "model's levels (0.25 kbps each for the production model" in ' '.join(
+    encode.format_help().split()
+  )
 
 
 def test_values_checked_before_the_model_loads(tmp_path, capsys, monkeypatch):
