@@ -661,11 +661,12 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument(
       '--kbps',
       type=_positive,
+      metavar='K',
       help="bitrate: a whole number of the model's levels (0.25 kbps each "
       'for the production model, 0.25 to 16)',
     )
     group.add_argument(
-      '--levels', type=_count, help='RVQ levels (default: all)'
+      '--levels', type=_count, metavar='N', help='RVQ levels (default: all)'
     )
 
   def common(q, kind):
@@ -675,10 +676,13 @@ def _parser() -> argparse.ArgumentParser:
       quiet='no progress bar or summary; errors only',
       verbose=f'one line per {kind} (and per skipped or ignored file)',
     )
-    q.add_argument('--model', required=True, help='model directory')
+    q.add_argument(
+      '--model', required=True, metavar='DIR', help='model directory'
+    )
     q.add_argument(
       '--block-seconds',
       type=_positive,
+      metavar='S',
       default=10.0,
       help='seconds of audio per compute step (default 10; memory, not '
       'codes, depends on it)',
@@ -712,7 +716,9 @@ def _parser() -> argparse.ArgumentParser:
   i.add_argument('input', type=_file_arg)
   m = sub.add_parser('demo', help='frame-by-frame real-time demo')
   commands.add_version(m, PROG)
-  m.add_argument('--model', required=True, help='model directory')
+  m.add_argument(
+    '--model', required=True, metavar='DIR', help='model directory'
+  )
   bitrate(m)
   demo.add_arguments(m)
   m.add_argument('input', type=_file_arg)
