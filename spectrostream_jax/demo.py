@@ -52,10 +52,12 @@ def run(codec: Codec, levels: int, x: np.ndarray, rate: int, args) -> int:
   length = x.shape[0]
   spf = cfg.samples_per_frame
   budget = spf / cfg.sample_rate  # Seconds per frame.
-  # Enough zero frames after the signal for its last audio to come out,
-  # rounded up to whole steps so that every call has one compiled size.
-  frames = -(-length // spf) + cfg.lookahead + 1
-  frames = -(-frames // n) * n
+  # Whole steps (one compiled size) of signal and zeros, until the audio
+  # of its last frame is out: step s gets the codes of frames < s·n (the
+  # STFT overhang of frame s·n - 1 is in the next step), and the last
+  # frame's audio needs `lookahead` codes past it.
+  steps = -(-(-(-length // spf) + cfg.lookahead) // n) + 1
+  frames = steps * n
   x = np.pad(x, ((0, frames * spf - length), (0, 0)))
   enc = streaming.StreamingEncoder(codec, levels, frames_per_step=n)
   dec = streaming.StreamingDecoder(codec, frames_per_step=n)
