@@ -89,7 +89,7 @@ def _levels(stacked: jax.Array) -> tuple[jax.Array, ...]:
 
 
 def _quantize(codebooks, norms, emb: jax.Array, num_levels: int) -> jax.Array:
-  """`rvq.encode` unrolled over per-level buffers: the same codes."""
+  """`rvq.encode`'s level loop, unrolled over per-level buffers."""
   codes = []
   for codebook, sq_norms in zip(
     codebooks[:num_levels], norms[:num_levels], strict=True
