@@ -58,8 +58,21 @@ def data_dir(tmp_path_factory) -> pathlib.Path:
   return out
 
 
-def interrupt(argv, cwd, after: float) -> tuple[int, str]:
-  """Runs `argv`, sends SIGINT `after` seconds in; (status, stderr)."""
+def sigint_blocked(pid: int) -> bool:
+  """Has the process's main thread blocked SIGINT (commands.py's setup)?"""
+  with open(f'/proc/{pid}/status') as f:
+    for line in f:
+      if line.startswith('SigBlk:'):
+        return bool(int(line.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+  return False
+
+
+def interrupt(argv, cwd, when) -> tuple[int, str]:
+  """Runs `argv` and sends SIGINT; (status, stderr).
+
+  `when`: 'import' as soon as SIGINT handling is set up (JAX and the
+  package are being imported then; after 3 s at most), or seconds.
+  """
   proc = subprocess.Popen(
     argv,
     cwd=cwd,
@@ -68,7 +81,12 @@ def interrupt(argv, cwd, after: float) -> tuple[int, str]:
     stderr=subprocess.PIPE,
     text=True,
   )
-  time.sleep(after)
+  if when == 'import':
+    deadline = time.time() + 3
+    while time.time() < deadline and not sigint_blocked(proc.pid):
+      time.sleep(0.005)
+  else:
+    time.sleep(when)
   assert proc.poll() is None, 'the command ended before the interrupt'
   proc.send_signal(signal.SIGINT)
   try:
@@ -79,18 +97,25 @@ def interrupt(argv, cwd, after: float) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize(
-  'name,args,after',
+  'name,args,when',
   [
-    # While importing JAX and the package.
-    ('spectrostream-export', ['--workdir', '{tmp}/run', '--out', '{out}'], 1),
-    ('spectrostream-data', ['build', '{data}', '{out}'], 1),
-    ('spectrostream-eval', ['--model', '{model}', '--data', '{data}'], 1),
+    (
+      'spectrostream-export',
+      ['--workdir', '{tmp}/run', '--out', '{out}'],
+      'import',
+    ),
+    ('spectrostream-data', ['build', '{data}', '{out}'], 'import'),
+    (
+      'spectrostream-eval',
+      ['--model', '{model}', '--data', '{data}'],
+      'import',
+    ),
     # Loading clips, compiling the codec or scoring.
     ('spectrostream-eval', ['--model', '{model}', '--data', '{data}'], 12),
   ],
 )
 def test_ctrl_c_is_one_line_and_130(
-  name, args, after, data_dir, tiny_model_dir, tmp_path
+  name, args, when, data_dir, tiny_model_dir, tmp_path
 ):
   out = tmp_path / 'out'
   paths = {'tmp': tmp_path, 'out': out, 'data': data_dir}
@@ -98,7 +123,7 @@ def test_ctrl_c_is_one_line_and_130(
   argv = [*command(name), *(a.format(**paths) for a in args)]
   if name == 'spectrostream-eval':
     argv += ['--out', str(out), '--workers', '0', '--clip-seconds', '1']
-  status, err = interrupt(argv, REPO, after)
+  status, err = interrupt(argv, REPO, when)
   assert status == 130, err
   assert err.strip().splitlines() == [f'{name}: interrupted'], err
   # Nothing half-made: no --out, no temp file.
