@@ -76,7 +76,7 @@ def _end(prog: str, message: str) -> NoReturn:
   # Spawned workers inherit the blocked SIGINT, so they are ended here.
   for child in multiprocessing.active_children():
     child.kill()
-  files.remove_pending()
+  files.remove_pending(ending=True)
   with contextlib.suppress(OSError, ValueError):
     sys.stdout.flush()
   with contextlib.suppress(OSError, ValueError):

@@ -15,22 +15,49 @@ import pathlib
 import secrets
 import shutil
 import tempfile
+import threading
+import time
 
 PathLike = str | os.PathLike
 
 # Temp files and directories not yet renamed or removed, so that an
 # interrupt that ends the process at once can still take them away.
 _pending: set[pathlib.Path] = set()
+# Set once the process is ending: no new temp path is handed out after.
+_ending = threading.Event()
+# Time for a temp path named just before the end to be created.
+_CREATE_SECONDS = 0.05
 
 
-def remove_pending() -> None:
-  """Removes every temp file and directory this process has not finished."""
+def _sweep() -> None:
   for path in list(_pending):
     if path.is_dir() and not path.is_symlink():
       shutil.rmtree(path, ignore_errors=True)
     else:
       path.unlink(missing_ok=True)
     _pending.discard(path)
+
+
+def remove_pending(*, ending: bool = False) -> None:
+  """Removes every temp file and directory this process has not finished.
+
+  `ending` is for a thread that ends the process right after, while the
+  main thread still runs: from then on a thread asking for a temp name
+  waits for the end, and a name handed out just before is swept again
+  once its file had time to appear.
+  """
+  if not ending:
+    _sweep()
+    return
+  _ending.set()
+  _sweep()
+  time.sleep(_CREATE_SECONDS)
+  _sweep()
+
+
+def _hold_if_ending() -> None:
+  if _ending.is_set():
+    threading.Event().wait()  # The process ends from another thread.
 
 
 def first_line(error: BaseException) -> str:
@@ -45,6 +72,7 @@ def temp_name(path: PathLike) -> pathlib.Path:
   Writers that pick the format from the extension (soundfile, savefig)
   then write the right format, and tools that list a directory skip it.
   """
+  _hold_if_ending()
   path = pathlib.Path(path)
   token = f'{os.getpid()}-{secrets.token_hex(4)}'
   tmp = path.with_name(f'.{path.name}-tmp-{token}{path.suffix}')
@@ -175,6 +203,7 @@ def atomic_dir(out: PathLike, *, overwrite: bool) -> Iterator[pathlib.Path]:
   """
   out = pathlib.Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
+  _hold_if_ending()
   tmp = pathlib.Path(
     tempfile.mkdtemp(prefix=f'.{out.name}-tmp-', dir=out.parent)
   )

@@ -2,6 +2,7 @@
 
 import os
 import stat
+import threading
 
 import pytest
 
@@ -166,3 +167,25 @@ def test_atomic_dir_failure_keeps_old(tmp_path):
     raise ValueError
   assert os.listdir(out) == ['old']
   assert os.listdir(tmp_path) == ['corpus']
+
+
+def test_an_ending_sweeps_a_temp_created_just_after(tmp_path, monkeypatch):
+  """Ctrl-C's thread sweeps while the main thread may still create temps."""
+  monkeypatch.setattr(files, '_ending', threading.Event())
+  tmp = files.temp_name(tmp_path / 'out.bin')
+  sweeper = threading.Thread(
+    target=files.remove_pending, kwargs={'ending': True}
+  )
+  sweeper.start()
+  tmp.write_bytes(b'partial')  # Named before the end, created around it.
+  sweeper.join()
+  assert not tmp.exists()
+  assert not list(tmp_path.iterdir())
+  named = []
+  asker = threading.Thread(
+    target=lambda: named.append(files.temp_name(tmp_path / 'b')),
+    daemon=True,
+  )
+  asker.start()
+  asker.join(0.2)
+  assert asker.is_alive() and not named  # Held until the process ends.
