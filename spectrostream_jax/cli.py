@@ -637,13 +637,19 @@ def cmd_info(args) -> int:
 
 
 def cmd_demo(args) -> int:
+  out_format = ('WAV', 'FLOAT')
+  if args.out:
+    out = pathlib.Path(args.out)
+    out_format = _audio_format(out, None)
+    if out.exists() and out.resolve() == pathlib.Path(args.input).resolve():
+      raise UserError(f'{out} is the input file; give another --out')
   codec = _load_codec(args.model)
   levels = _levels(codec, args)
   with _open_audio(pathlib.Path(args.input)) as f:
     n = min(f.frames, round(args.seconds * f.samplerate))
     x = f.read(n, dtype='float32', always_2d=True)
     rate = f.samplerate
-  return demo.run(codec, levels, x, rate, args)
+  return demo.run(codec, levels, x, rate, args, out_format)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -23,8 +23,19 @@ from spectrostream_jax.inference import Codec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument('--seconds', type=float, default=10.0)
-  parser.add_argument('--out', help='write the streamed reconstruction here')
+  parser.add_argument(
+    '--seconds',
+    type=_positive_float,
+    default=10.0,
+    metavar='S',
+    help='stream the first S seconds of the input (default 10)',
+  )
+  parser.add_argument(
+    '--out',
+    type=_file_name,
+    metavar='FILE',
+    help='write the streamed reconstruction here (format from the extension)',
+  )
   parser.add_argument(
     '--frames-per-step',
     type=_positive_int,
@@ -35,6 +46,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   )
 
 
+def _positive_float(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'not a number: {text!r}') from None
+  if not (value > 0 and np.isfinite(value)):
+    raise argparse.ArgumentTypeError(f'must be > 0, got {text}')
+  return value
+
+
+def _file_name(text: str) -> str:
+  if text == '-':
+    raise argparse.ArgumentTypeError(
+      'standard output is not supported; give a file name'
+    )
+  return text
+
+
 def _positive_int(text: str) -> int:
   value = int(text)
   if value < 1:
@@ -42,8 +71,18 @@ def _positive_int(text: str) -> int:
   return value
 
 
-def run(codec: Codec, levels: int, x: np.ndarray, rate: int, args) -> int:
-  """Streams `x` [T, C] at `rate` Hz in real time; prints a JSON report."""
+def run(
+  codec: Codec,
+  levels: int,
+  x: np.ndarray,
+  rate: int,
+  args,
+  out_format: tuple[str, str] = ('WAV', 'FLOAT'),
+) -> int:
+  """Streams `x` [T, C] at `rate` Hz in real time; prints a JSON report.
+
+  `out_format` is the (format, subtype) `--out` is written in.
+  """
   cfg = codec.config
   n = getattr(args, 'frames_per_step', 1)
   x = channels.to_channels(x, cfg.num_channels)
@@ -127,5 +166,6 @@ def run(codec: Codec, levels: int, x: np.ndarray, rate: int, args) -> int:
   if args.out:
     y = np.concatenate(out)[:length]
     with files.atomic_path(args.out) as tmp:
-      sf.write(tmp, y, cfg.sample_rate, subtype='FLOAT', format='WAV')
+      fmt, subtype = out_format
+      sf.write(tmp, y, cfg.sample_rate, subtype=subtype, format=fmt)
   return 0

@@ -269,3 +269,30 @@ def test_dash_is_refused_not_a_file(model_dir, tmp_path, capsys, monkeypatch):
     rc, _, err = _run(capsys, 'encode', '--model', model_dir, *argv)
     assert rc == 2 and len(err) == 1 and 'standard' in err[0], err
   assert os.listdir() == ['x.wav']
+
+
+def test_demo_out_follows_extension_and_refuses_bad_values(
+  model_dir, tmp_path, capsys
+):
+  """Items 6 and 8 for `demo`: --out's format, '-', --seconds 0."""
+  src = tmp_path / 'in.wav'
+  sf.write(src, _clip(0.3), 48_000)
+  out = tmp_path / 'live.flac'
+  rc, report, err = _run(
+    capsys, 'demo', '--model', model_dir, '--out', out, src
+  )
+  assert (rc, err) == (0, [])
+  assert '"frames_dropped"' in report
+  info = sf.info(str(out))
+  assert (info.format, info.subtype) == ('FLAC', 'PCM_24')
+  assert info.frames == round(0.3 * 48_000)
+  for bad in (
+    ['--out', '-'],
+    ['--seconds', '0'],
+    ['--out', str(tmp_path / 'x.xyz')],
+    ['--out', str(src)],
+  ):
+    rc, _, err = _run(capsys, 'demo', '--model', 'no-model', *bad, src)
+    assert rc in (1, 2) and len(err) == 1, (bad, err)
+    assert 'no-model' not in err[0], (bad, err)  # Checked before loading.
+  assert not (tmp_path / 'x.xyz').exists()
