@@ -101,6 +101,25 @@ def interleaved(codec: Codec, wav: np.ndarray, levels: int, rounds: int):
   return out
 
 
+def several_per_step(codec: Codec, wav: np.ndarray, levels: int, n: int):
+  """Per-frame milliseconds when each call takes `n` frames (demo's
+  `--frames-per-step`): the weights are read once per n frames."""
+  spf = codec.config.samples_per_frame
+  enc = streaming.StreamingEncoder(codec, levels, frames_per_step=n)
+  dec = streaming.StreamingDecoder(codec, frames_per_step=n)
+  dec.push(enc.push(wav[:, : 2 * n * spf]))
+  enc.reset()
+  dec.reset()
+  out = {'encode': [], 'decode': []}
+  for pos in range(0, wav.shape[1] - n * spf + 1, n * spf):
+    codes, t_enc = _timed(enc.push, wav[:, pos : pos + n * spf])
+    _, t_dec = _timed(dec.push, codes)
+    if codes.shape[1] == n:
+      out['encode'].append(t_enc / n)
+      out['decode'].append(t_dec / n)
+  return out
+
+
 def device_steps(codec: Codec, levels: int, frames: int) -> dict:
   """The jitted steps alone, inputs already on the device."""
   cfg = codec.config
@@ -147,6 +166,13 @@ def main():
     default=5,
     help='slices of the stream, each followed by a whole-sequence run',
   )
+  ap.add_argument(
+    '--frames-per-step',
+    type=int,
+    nargs='*',
+    default=[2, 4],
+    help='also stream N frames per call and report their per-frame cost',
+  )
   ap.add_argument('--update-docs', action='store_true')
   args = ap.parse_args()
 
@@ -186,6 +212,17 @@ def main():
   result['encode_plus_decode']['frames_over_budget'] = int(
     np.sum(total > budget)
   )
+  result['frames_per_step'] = {}
+  for n in args.frames_per_step:
+    several = several_per_step(codec, wav, levels, n)
+    row = {'latency_ms': (2 * n + cfg.lookahead) * budget}
+    for name in ('encode', 'decode'):
+      median = float(np.median(several[name]))
+      row[f'{name}_median_ms'] = round(median, 2)
+      row[f'{name}_ratio'] = round(
+        median / result[name]['whole_sequence_ms_per_frame'], 2
+      )
+    result['frames_per_step'][str(n)] = row
   result['device_step'] = device_steps(codec, levels, args.frames)
   result['latency'] = {
     'encoder_frames': 1,
@@ -250,11 +287,33 @@ def markdown(r: dict) -> str:
     f'{r["latency"]["end_to_end_ms"]:g} ms end to end with the frame '
     'itself. Where the time goes: docs/streaming.md, "Performance".',
     '',
+    *_several_lines(r),
     report.machine_line(r),
     '',
     *report.json_details(r),
   ]
   return '\n'.join(lines)
+
+
+def _several_lines(r: dict) -> list[str]:
+  """The `--frames-per-step` rows: throughput bought with latency."""
+  rows = r.get('frames_per_step') or {}
+  if not rows:
+    return []
+  lines = [
+    'Several frames per call (`spectrostream demo --frames-per-step N`), '
+    'per frame, ratios to the same whole-sequence figures:',
+    '',
+    '| frames per call | encode | ratio | decode | ratio | latency |',
+    '|---|---|---|---|---|---|',
+  ]
+  for n, row in rows.items():
+    lines.append(
+      f'| {n} | {row["encode_median_ms"]} ms | {row["encode_ratio"]}× '
+      f'| {row["decode_median_ms"]} ms | {row["decode_ratio"]}× '
+      f'| {row["latency_ms"]:g} ms |'
+    )
+  return [*lines, '']
 
 
 if __name__ == '__main__':
