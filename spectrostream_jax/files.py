@@ -29,13 +29,12 @@ _ending = threading.Event()
 _CREATE_SECONDS = 0.05
 
 
-def _sweep() -> None:
-  for path in list(_pending):
+def _sweep(paths) -> None:
+  for path in paths:
     if path.is_dir() and not path.is_symlink():
       shutil.rmtree(path, ignore_errors=True)
     else:
       path.unlink(missing_ok=True)
-    _pending.discard(path)
 
 
 def remove_pending(*, ending: bool = False) -> None:
@@ -46,13 +45,15 @@ def remove_pending(*, ending: bool = False) -> None:
   waits for the end, and a name handed out just before is swept again
   once its file had time to appear.
   """
-  if not ending:
-    _sweep()
-    return
-  _ending.set()
-  _sweep()
-  time.sleep(_CREATE_SECONDS)
-  _sweep()
+  if ending:
+    _ending.set()
+  paths = set(_pending)
+  _sweep(paths)
+  if ending:
+    time.sleep(_CREATE_SECONDS)
+    paths |= _pending
+    _sweep(paths)
+  _pending.difference_update(paths)
 
 
 def _hold_if_ending() -> None:
