@@ -19,7 +19,6 @@ import argparse
 from collections.abc import Callable
 import dataclasses
 import json
-import math
 import os
 import pathlib
 import sys
@@ -81,40 +80,12 @@ class UserError(Exception):
 # Argument types: values wrong on their own are usage errors (exit 2).
 
 
-def _positive(value: str) -> float:
-  try:
-    x = float(value)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f'not a number: {value!r}') from None
-  if not (x > 0 and math.isfinite(x)):
-    raise argparse.ArgumentTypeError(f'must be > 0, got {value}')
-  return x
-
-
-def _count(value: str) -> int:
-  try:
-    n = int(value)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f'not a whole number: {value!r}') from None
-  if n < 1:
-    raise argparse.ArgumentTypeError(f'must be >= 1, got {value}')
-  return n
-
-
 def _subtype(value: str) -> str:
   subtype = value.upper()
   if subtype not in sf.available_subtypes():
     choices = ', '.join(sorted(sf.available_subtypes()))
     raise argparse.ArgumentTypeError(f'unknown {value!r} (one of {choices})')
   return subtype
-
-
-def _file_arg(value: str) -> str:
-  if value == '-':
-    raise argparse.ArgumentTypeError(
-      'standard input and output are not supported; give a file name'
-    )
-  return value
 
 
 # Model and its settings.
@@ -666,13 +637,16 @@ def _parser() -> argparse.ArgumentParser:
     group = q.add_mutually_exclusive_group()
     group.add_argument(
       '--kbps',
-      type=_positive,
+      type=commands.positive_number,
       metavar='K',
       help="bitrate: a whole number of the model's levels (0.25 kbps each "
       'for the production model, 0.25 to 16)',
     )
     group.add_argument(
-      '--levels', type=_count, metavar='N', help='RVQ levels (default: all)'
+      '--levels',
+      type=commands.whole_count,
+      metavar='N',
+      help='RVQ levels (default: all)',
     )
 
   def common(q, kind):
@@ -687,7 +661,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     q.add_argument(
       '--block-seconds',
-      type=_positive,
+      type=commands.positive_number,
       metavar='S',
       default=10.0,
       help='seconds of audio per compute step (default 10; memory, not '
@@ -702,8 +676,8 @@ def _parser() -> argparse.ArgumentParser:
   e = sub.add_parser('encode', help='audio file(s) -> .sps bitstream(s)')
   common(e, 'file encoded')
   bitrate(e)
-  e.add_argument('input', type=_file_arg, help='audio file or folder')
-  e.add_argument('output', type=_file_arg, help='.sps file or folder')
+  e.add_argument('input', type=commands.file_name, help='audio file or folder')
+  e.add_argument('output', type=commands.file_name, help='.sps file or folder')
   d = sub.add_parser('decode', help='.sps bitstream(s) -> audio file(s)')
   common(d, 'file decoded')
   d.add_argument(
@@ -711,15 +685,15 @@ def _parser() -> argparse.ArgumentParser:
     type=_subtype,
     help='sample format (default FLOAT, or PCM_24 for FLAC)',
   )
-  d.add_argument('input', type=_file_arg, help='.sps file or folder')
+  d.add_argument('input', type=commands.file_name, help='.sps file or folder')
   d.add_argument(
     'output',
-    type=_file_arg,
+    type=commands.file_name,
     help='audio file (.wav, .flac, .ogg, .aiff, ...) or folder (WAVs)',
   )
   i = sub.add_parser('info', help='describe a .sps file')
   commands.add_version(i, PROG)
-  i.add_argument('input', type=_file_arg)
+  i.add_argument('input', type=commands.file_name)
   m = sub.add_parser('demo', help='frame-by-frame real-time demo')
   commands.add_version(m, PROG)
   m.add_argument(
@@ -727,7 +701,7 @@ def _parser() -> argparse.ArgumentParser:
   )
   bitrate(m)
   demo.add_arguments(m)
-  m.add_argument('input', type=_file_arg)
+  m.add_argument('input', type=commands.file_name)
   return p
 
 

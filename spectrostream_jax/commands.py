@@ -15,6 +15,7 @@ import argparse
 from collections.abc import Callable, Iterator, Sequence
 import contextlib
 import importlib
+import math
 import multiprocessing
 import os
 import signal
@@ -41,6 +42,38 @@ def add_verbosity(parser: argparse.ArgumentParser, quiet: str, verbose: str):
   group = parser.add_mutually_exclusive_group()
   group.add_argument('-q', '--quiet', action='store_true', help=quiet)
   group.add_argument('-v', '--verbose', action='store_true', help=verbose)
+
+
+# Argument types shared by the argparse commands: a bad value is a
+# one-line usage error before anything loads.
+
+
+def positive_number(value: str) -> float:
+  try:
+    x = float(value)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'not a number: {value!r}') from None
+  if not (x > 0 and math.isfinite(x)):
+    raise argparse.ArgumentTypeError(f'must be > 0, got {value}')
+  return x
+
+
+def whole_count(value: str) -> int:
+  try:
+    n = int(value)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'not a whole number: {value!r}') from None
+  if n < 1:
+    raise argparse.ArgumentTypeError(f'must be >= 1, got {value}')
+  return n
+
+
+def file_name(value: str) -> str:
+  if value == '-':
+    raise argparse.ArgumentTypeError(
+      'standard input and output are not supported; give a file name'
+    )
+  return value
 
 
 class Parser(argparse.ArgumentParser):

@@ -17,6 +17,7 @@ import soundfile as sf
 import soxr
 
 from spectrostream_jax import channels
+from spectrostream_jax import commands
 from spectrostream_jax import files
 from spectrostream_jax import streaming
 from spectrostream_jax.inference import Codec
@@ -25,50 +26,25 @@ from spectrostream_jax.inference import Codec
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument(
     '--seconds',
-    type=_positive_float,
+    type=commands.positive_number,
     default=10.0,
     metavar='S',
     help='stream the first S seconds of the input (default 10)',
   )
   parser.add_argument(
     '--out',
-    type=_file_name,
+    type=commands.file_name,
     metavar='FILE',
     help='write the streamed reconstruction here (format from the extension)',
   )
   parser.add_argument(
     '--frames-per-step',
-    type=_positive_int,
+    type=commands.whole_count,
     default=1,
     metavar='N',
     help='40 ms frames pushed per call: more throughput, N - 1 more frames '
     'of latency (default 1: live)',
   )
-
-
-def _positive_float(text: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f'not a number: {text!r}') from None
-  if not (value > 0 and np.isfinite(value)):
-    raise argparse.ArgumentTypeError(f'must be > 0, got {text}')
-  return value
-
-
-def _file_name(text: str) -> str:
-  if text == '-':
-    raise argparse.ArgumentTypeError(
-      'standard output is not supported; give a file name'
-    )
-  return text
-
-
-def _positive_int(text: str) -> int:
-  value = int(text)
-  if value < 1:
-    raise argparse.ArgumentTypeError(f'must be >= 1, got {value}')
-  return value
 
 
 def run(

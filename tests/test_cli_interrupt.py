@@ -12,10 +12,9 @@ import os
 import pathlib
 import signal
 import subprocess
-import sys
 import time
-import tomllib
 
+from console_scripts import command
 import numpy as np
 import pytest
 import soundfile as sf
@@ -28,17 +27,6 @@ from spectrostream_jax.models import codec as codec_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SECONDS = 120  # Of audio: a few seconds of work for the tiny model.
-
-
-def _command() -> list[str]:
-  with open(ROOT / 'pyproject.toml', 'rb') as f:
-    scripts = tomllib.load(f)['project']['scripts']
-  module, func = scripts['spectrostream'].split(':')
-  code = (
-    f'import importlib, sys; m = importlib.import_module({module!r}); '
-    f'sys.exit(getattr(m, {func!r})())'
-  )
-  return [sys.executable, '-c', code]
 
 
 @pytest.fixture(scope='module')
@@ -103,7 +91,7 @@ def _importing(p, folder):
 
 
 @pytest.mark.parametrize(
-  'command,when',
+  'subcommand,when',
   [
     ('encode', _importing),
     ('encode', _started),
@@ -113,19 +101,19 @@ def _importing(p, folder):
   ids=['encode-importing', 'encode-compiling', 'encode-blocks', 'decode'],
 )
 def test_ctrl_c_exits_130_at_once_with_one_line_and_no_temp_file(
-  inputs, tmp_path, command, when
+  inputs, tmp_path, subcommand, when
 ):
   src, out = {
     'encode': ('long.wav', tmp_path / 'out.sps'),
     'decode': ('long.sps', tmp_path / 'out.wav'),
-  }[command]
+  }[subcommand]
   # Two blocks of 60 s: the interrupt comes as the second one starts, so
   # a KeyboardInterrupt would wait seconds for it to end.
-  argv = [command, '--model', inputs / 'tiny', '--block-seconds', 60]
+  argv = [subcommand, '--model', inputs / 'tiny', '--block-seconds', 60]
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   env.pop('XLA_FLAGS', None)  # One device, as a user has.
   p = subprocess.Popen(
-    [*_command(), *map(str, [*argv, inputs / src, out])],
+    [*command('spectrostream'), *map(str, [*argv, inputs / src, out])],
     cwd=ROOT,
     env=env,
     stdout=subprocess.PIPE,
@@ -165,7 +153,7 @@ def test_main_leaves_keyboard_interrupt_to_its_caller(monkeypatch, tmp_path):
 
 def test_closed_stdout_is_not_a_traceback(inputs):
   p = subprocess.Popen(
-    [*_command(), 'info', str(inputs / 'long.sps')],
+    [*command('spectrostream'), 'info', str(inputs / 'long.sps')],
     cwd=ROOT,
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,

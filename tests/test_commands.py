@@ -7,28 +7,15 @@ import os
 import pathlib
 import signal
 import subprocess
-import sys
 import time
-import tomllib
 
+from console_scripts import command
 import numpy as np
 import pytest
 import soundfile as sf
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 COMMANDS = ('spectrostream-export', 'spectrostream-eval', 'spectrostream-data')
-
-
-def command(name: str) -> list[str]:
-  """argv that runs console script `name` as pyproject.toml declares it."""
-  with open(REPO / 'pyproject.toml', 'rb') as f:
-    target = tomllib.load(f)['project']['scripts'][name]
-  module, func = target.split(':')
-  code = (
-    f'import importlib, sys; m = importlib.import_module({module!r}); '
-    f'sys.exit(getattr(m, {func!r})())'
-  )
-  return [sys.executable, '-c', code]
 
 
 def run(name: str, *args: str) -> subprocess.CompletedProcess:

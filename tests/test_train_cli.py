@@ -6,26 +6,13 @@ import os
 import pathlib
 import signal
 import subprocess
-import sys
 import time
-import tomllib
 
+from console_scripts import command
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 QUICKSTART = '--gin_file=experiments/quickstart.gin'
-
-
-def command(name: str) -> list[str]:
-  """argv that runs console script `name` as pyproject.toml declares it."""
-  with open(REPO / 'pyproject.toml', 'rb') as f:
-    target = tomllib.load(f)['project']['scripts'][name]
-  module, func = target.split(':')
-  code = (
-    f'import importlib, sys; m = importlib.import_module({module!r}); '
-    f'sys.exit(getattr(m, {func!r})())'
-  )
-  return [sys.executable, '-c', code]
 
 
 def env() -> dict[str, str]:
