@@ -28,6 +28,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from spectrostream_jax import audio_formats
 from spectrostream_jax import bitstream
 from spectrostream_jax import channels
 from spectrostream_jax import commands
@@ -43,30 +44,9 @@ SUFFIX = '.sps'
 # Samples read from a file per call: a fixed size, so the resampler sees
 # the same chunks whatever the block size.
 READ_SAMPLES = 1 << 16
-# What encode reads in a folder (as `spectrostream-data scan` does) and
-# what decode writes, by extension: the soundfile format of each.
+# What encode reads in a folder (as `spectrostream-data scan` does); decode
+# writes the same extensions (audio_formats.FORMATS).
 AUDIO_SUFFIXES = index.AUDIO_SUFFIXES
-_FORMATS = {
-  '.wav': 'WAV',
-  '.w64': 'W64',
-  '.aif': 'AIFF',
-  '.aiff': 'AIFF',
-  '.flac': 'FLAC',
-  '.ogg': 'OGG',
-  '.oga': 'OGG',
-  '.opus': 'OGG',
-  '.mp3': 'MP3',
-}
-# Float where the format holds it (the decoder's output may exceed +-1),
-# else the format's best.
-_DEFAULT_SUBTYPES = {
-  'WAV': 'FLOAT',
-  'W64': 'FLOAT',
-  'AIFF': 'FLOAT',
-  'FLAC': 'PCM_24',
-  'OGG': 'VORBIS',
-  'MP3': 'MPEG_LAYER_III',
-}
 # Per-file failures that end that file only; anything else is a bug.
 _FILE_ERRORS = (ValueError, OSError, sf.SoundFileError)
 
@@ -136,23 +116,10 @@ def _open_audio(path: pathlib.Path) -> sf.SoundFile:
 
 
 def _audio_format(path: pathlib.Path, subtype: str | None) -> tuple[str, str]:
-  """(format, subtype) of an audio output, from its extension."""
-  fmt = _FORMATS.get(path.suffix.lower())
-  if fmt is None or fmt not in sf.available_formats():
-    known = ', '.join(
-      s for s, f in _FORMATS.items() if f in sf.available_formats()
-    )
-    raise UserError(
-      f'{path}: cannot tell the audio format from the extension '
-      f'{path.suffix or "(none)"}; use one of {known}'
-    )
-  if subtype is None:
-    subtype = (
-      'OPUS' if path.suffix.lower() == '.opus' else _DEFAULT_SUBTYPES[fmt]
-    )
-  if not sf.check_format(fmt, subtype):
-    raise UserError(f'{path}: {fmt} cannot hold --subtype {subtype}')
-  return fmt, subtype
+  try:
+    return audio_formats.output_format(path, subtype)
+  except ValueError as e:
+    raise UserError(str(e)) from None
 
 
 # One file each way.

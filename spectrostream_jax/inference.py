@@ -33,17 +33,13 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from spectrostream_jax import audio_formats
 from spectrostream_jax import checks
 from spectrostream_jax import files
 from spectrostream_jax import model_dir as model_dir_lib
 from spectrostream_jax import streaming
 from spectrostream_jax import weights
 from spectrostream_jax.models import codec as codec_lib
-
-# Float where the format holds it (the decoder's output may exceed ±1),
-# else soundfile's default for the format.
-_FLOAT_FORMATS = ('WAV', 'W64', 'AIFF', 'CAF', 'RF64')
-_INT_PCM = ('PCM_S8', 'PCM_U8', 'PCM_16', 'PCM_24', 'PCM_32')
 
 
 class Codec:
@@ -237,10 +233,9 @@ class Codec:
   ) -> None:
     """Codes [1, N, n] or [N, n] -> an audio file, written whole or not at all.
 
-    The format comes from the extension (.wav, .flac, .ogg, ...); WAV,
-    AIFF and W64 hold float samples, other formats get soundfile's default
-    `subtype` (integer PCM is clipped to ±1 first). At 48 kHz unless
-    `sample_rate` is given.
+    The format comes from the extension, as for `spectrostream decode`
+    (`audio_formats`): float samples in WAV, AIFF and W64, PCM_24 in FLAC
+    (clipped to ±1). At 48 kHz unless `sample_rate` is given.
     """
     codes = checks.as_array(codes, 'codes')
     if codes.ndim == 2:
@@ -249,25 +244,11 @@ class Codec:
       raise ValueError(
         f'decode_to_file writes one item; codes have batch {codes.shape[0]}'
       )
-    path = os.fspath(path)
-    ext = os.path.splitext(path)[1].lstrip('.').upper()
-    formats = sf.available_formats()
-    kind = {'OGA': 'OGG', 'AIF': 'AIFF'}.get(ext, ext)
-    if kind not in formats:
-      raise ValueError(
-        f'{path}: unknown audio format {ext or "(no extension)"!r}; '
-        'use .wav, .flac, .ogg or another soundfile format'
-      )
-    if subtype is None:
-      subtype = 'FLOAT' if kind in _FLOAT_FORMATS else sf.default_subtype(kind)
-    if not sf.check_format(kind, subtype):
-      raise ValueError(f'{path}: {kind} cannot hold subtype {subtype!r}')
+    fmt, subtype = audio_formats.output_format(path, subtype)
     rate = sample_rate or self.sample_rate
     wav = self.decode(codes, sample_rate)[0]
-    if subtype in _INT_PCM:
-      wav = np.clip(wav, -1.0, 1.0)
     with files.atomic_path(path) as tmp:
-      sf.write(tmp, wav, rate, subtype=subtype, format=kind)
+      sf.write(tmp, wav, rate, subtype=subtype, format=fmt)
 
   def decode_embeddings(self, emb) -> np.ndarray:
     """Continuous embeddings [B, N, D] -> waveform, without quantisation."""

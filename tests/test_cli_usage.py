@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from spectrostream_jax import audio_formats
 from spectrostream_jax import cli
 from spectrostream_jax import export
 from spectrostream_jax.inference import Codec
@@ -148,7 +149,7 @@ def test_decode_format_follows_extension(
 
 
 def test_decode_writes_what_a_folder_encode_reads():
-  assert set(cli._FORMATS) == cli.AUDIO_SUFFIXES
+  assert set(audio_formats.FORMATS) == cli.AUDIO_SUFFIXES
 
 
 def test_decode_refuses_what_it_cannot_write(model_dir, sps, tmp_path, capsys):

@@ -431,10 +431,6 @@ def _model_info(codec: Codec, model_dir: str) -> dict[str, Any]:
 # Command line --------------------------------------------------------------
 
 
-# One-line usage errors, dashed flags (evaluation/spectrograms.py uses it).
-OneLineParser = commands.Parser
-
-
 def kbps_list(text: str) -> list[float]:
   try:
     values = [float(v) for v in text.split(',') if v.strip()]
@@ -476,8 +472,8 @@ def check_out(out: str) -> None:
     raise ValueError(f'--out {out}: cannot write in {path}')
 
 
-def _parser() -> OneLineParser:
-  p = OneLineParser(
+def _parser() -> commands.Parser:
+  p = commands.Parser(
     prog='spectrostream-eval',
     description='Bitrate ladder of a SpectroStream model, next to classic '
     'codecs (Opus, AAC, MP3) unless --baselines none (docs/evaluation.md).',

@@ -24,6 +24,7 @@ import numpy as np
 import soundfile as sf
 
 from spectrostream_jax import channels
+from spectrostream_jax import commands
 from spectrostream_jax import files
 
 # A finer mel scale than the losses' (docs/evaluation.md): 128 bands of a
@@ -164,7 +165,7 @@ def _baseline(text: str) -> tuple[str, float]:
 def _parser() -> argparse.ArgumentParser:
   from spectrostream_jax.evaluation import ladder
 
-  p = ladder.OneLineParser(
+  p = commands.Parser(
     prog='python -m spectrostream_jax.evaluation.spectrograms',
     description='Log-mel spectrograms (mid and side) of an excerpt through '
     'a model and classic codecs (docs/evaluation.md).',

@@ -698,18 +698,13 @@ def gin_error(error: BaseException) -> str:
       f'no gin file {name} (looked in the current directory and {GIN_DIR})'
       + _closest(name, gin_files())
     )
-  if m := re.match(
-    r"No configurable matching (?:reference )?'@?([^'(]+)", first
-  ):
+  if m := re.match(_NO_CONFIGURABLE, first):
     scope, _, name = m[1].rpartition('/')
     hint = _closest(name, _selectors())
     if hint and scope:
       hint = hint.replace('mean ', f'mean {scope}/', 1)
     return f'gin knows no configurable {m[1]!r}{where}{hint}'
-  m = re.match(
-    r"Configurable '(.+)' doesn't have a parameter named '(.+)'", first
-  )
-  if m:
+  if m := re.match(_NO_PARAMETER, first):
     return f'{m[1]} has no parameter {m[2]!r}{where}' + _closest(
       m[2], _parameters(m[1])
     )
