@@ -1,15 +1,17 @@
 """Why one streamed frame costs more than its share of the whole sequence.
 
-    python benchmarks/skinny_matmul.py
+    python benchmarks/skinny_matmul.py [--update-docs]
 
 A streamed frame gives the embedding-rate layers only 5-10 rows, the whole
 sequence hundreds. This times the decoder_0 product (a 3×3 conv of 1024
 channels as `[M, 9216] × [9216, 1024]`, f32) for several row counts M,
 calls interleaved so that all see the same load, and prints the median
 time, GFLOP/s and the rate at which the 37.7 MB kernel is read
-(docs/streaming.md, "Performance"). Prints JSON.
+(docs/streaming.md, "Performance"). Prints JSON; `--update-docs` writes
+its section of docs/benchmarks.md.
 """
 
+import argparse
 import json
 import os
 import time
@@ -28,6 +30,9 @@ CALLS = 30
 
 
 def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument('--update-docs', action='store_true')
+  args = ap.parse_args()
   rng = np.random.default_rng(0)
   kernel = jax.device_put(rng.standard_normal((K, N), np.float32))
   inputs = {
@@ -51,19 +56,40 @@ def main():
       'gflop_per_s': round(2 * m * K * N / seconds / 1e9, 1),
       'kernel_gb_per_s': round(4 * K * N / seconds / 1e9, 1),
     }
-  print(
-    json.dumps(
-      {
-        'benchmark': 'skinny_matmul',
-        'shape': f'[M, {K}] x [{K}, {N}] f32',
-        'calls': CALLS,
-        **report.environment(),
-        'load_before': [round(x, 2) for x in load_before],
-        'load_after': [round(x, 2) for x in os.getloadavg()],
-        'rows': rows,
-      },
-      indent=1,
+  result = {
+    'benchmark': 'skinny_matmul',
+    'shape': f'[M, {K}] x [{K}, {N}] f32',
+    'calls': CALLS,
+    **report.environment(),
+    'load_before': [round(x, 2) for x in load_before],
+    'load_after': [round(x, 2) for x in os.getloadavg()],
+    'rows': rows,
+  }
+  print(json.dumps(result, indent=1))
+  if args.update_docs:
+    report.update_section('skinny_matmul', result, markdown)
+
+
+def markdown(r: dict) -> str:
+  lines = [
+    '## Products with few rows (why a streamed frame costs more)',
+    '',
+    f"decoder_0's 3×3 conv of 1024 channels as a {r['shape']} product, "
+    f'median of {r["calls"]} interleaved calls per row count M; a streamed '
+    'frame gives such layers M = 5-10, the whole sequence hundreds '
+    '(docs/streaming.md, "Performance"). Load average '
+    f'{", ".join(f"{x:g}" for x in r["load_before"])} before.',
+    '',
+    '| M | median | GFLOP/s | kernel read |',
+    '|---|---|---|---|',
+  ]
+  for m, row in r['rows'].items():
+    lines.append(
+      f'| {m} | {row["median_ms"]} ms | {row["gflop_per_s"]} '
+      f'| {row["kernel_gb_per_s"]} GB/s |'
     )
+  return '\n'.join(
+    [*lines, '', report.machine_line(r), '', *report.json_details(r)]
   )
 
 
