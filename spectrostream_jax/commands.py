@@ -27,6 +27,7 @@ import spectrostream_jax
 from spectrostream_jax import files
 
 INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C.
+_TRACKER_WARNINGS = 'ignore::UserWarning:multiprocessing.resource_tracker'
 
 
 def version(prog: str) -> str:
@@ -164,6 +165,11 @@ def exit_on_interrupt(prog: str) -> None:
   from library code or tests, which keep Python's KeyboardInterrupt.
   """
   signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+  # Worker processes ended by an interrupt can leave semaphores registered;
+  # multiprocessing's resource tracker removes them when the command has
+  # ended and would then print a warning after the command's last line.
+  # The tracker takes its warning filters from these options.
+  sys.warnoptions.append(_TRACKER_WARNINGS)
 
   def wait() -> None:
     signal.sigwait({signal.SIGINT})

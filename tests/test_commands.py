@@ -7,6 +7,7 @@ import os
 import pathlib
 import signal
 import subprocess
+import sys
 import time
 
 from console_scripts import command
@@ -147,3 +148,39 @@ def test_parser_maps_underscores_only_onto_known_dashed_flags():
   assert parser.parse_args(['--clip_seconds', '3']).clip_seconds == 3.0
   with pytest.raises(SystemExit):
     parser.parse_args(['--other_flag', '1'])
+
+
+_KILLED_WORKER = """
+import multiprocessing, sys, time
+from spectrostream_jax import commands
+commands.exit_on_interrupt('x')
+def worker(queue):
+  global lock
+  lock = multiprocessing.get_context('spawn').Lock()  # Registered, kept.
+  queue.put(1)
+  time.sleep(60)
+if __name__ == '__main__':
+  ctx = multiprocessing.get_context('spawn')
+  queue = ctx.Queue()
+  p = ctx.Process(target=worker, args=(queue,))
+  p.start()
+  queue.get()
+  p.kill()  # As an interrupt ends workers.
+  p.join()
+  print('x: interrupted', file=sys.stderr)
+"""
+
+
+def test_a_killed_worker_adds_no_line_after_the_last(tmp_path):
+  """The resource tracker's leak warning would print after our line."""
+  script = tmp_path / 'killed_worker.py'
+  script.write_text(_KILLED_WORKER)
+  result = subprocess.run(
+    [sys.executable, str(script)],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode == 0, result.stderr
+  assert result.stderr.splitlines() == ['x: interrupted'], result.stderr
