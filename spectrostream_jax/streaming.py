@@ -31,9 +31,11 @@ from spectrostream_jax.models import quantizer as rvq
 State = dict[str, Any]
 
 
-def _encoder_net(config, params, state, features):
+def _encoder_net(config, params, prepared, state, features):
   emb, variables = codec_lib.Encoder(config, streaming=True).apply(
-    {'params': params, 'stream': state}, features, mutable=['stream']
+    {'params': params, 'prepared': prepared, 'stream': state},
+    features,
+    mutable=['stream'],
   )
   return emb, variables['stream']
 
@@ -50,21 +52,37 @@ def _decoder_net(config, params, prepared, state, emb):
 @functools.partial(jax.jit, static_argnums=0)
 def _prepared_tensors(config: codec_lib.CodecConfig, params: dict) -> dict:
   emb = jnp.zeros((1, 1, config.embedding_dim))
-  _, variables = codec_lib.Decoder(config, streaming=True).apply(
+  _, dec = codec_lib.Decoder(config, streaming=True).apply(
     {'params': params['decoder']}, emb, mutable=['stream', 'prepared']
   )
+  _, enc = codec_lib.Encoder(config, streaming=True).apply(
+    {'params': params['encoder']},
+    jnp.zeros(_features_shape(config, 1)),
+    mutable=['stream', 'prepared'],
+  )
   return {
-    'decoder': variables['prepared'],
+    'encoder': enc.get('prepared', {}),
+    'decoder': dec.get('prepared', {}),
     'code_norms': rvq.code_norms(params['quantizer']['embedding']),
   }
+
+
+def _features_shape(config: codec_lib.CodecConfig, batch_size: int):
+  """STFT features of one code frame: [B, frames, bins, 2·channels]."""
+  return (
+    batch_size,
+    config.time_stride,
+    config.frame_length // 2,
+    2 * config.num_channels,
+  )
 
 
 def prepare_weights(config: codec_lib.CodecConfig, params: dict) -> dict:
   """Params plus the layouts a step would otherwise recompute every call.
 
   Step mode cannot amortise per-call weight transforms: the transposed
-  convs' phase kernels, the codebook norms and the per-level codebooks
-  are computed here once.
+  convs' phase kernels, the output slices of the biggest conv kernels,
+  the codebook norms and the per-level codebooks are computed here once.
   """
   prepared = _prepared_tensors(config, params)
   return {
@@ -72,6 +90,7 @@ def prepare_weights(config: codec_lib.CodecConfig, params: dict) -> dict:
     'decoder': params['decoder'],
     'codebooks': params['quantizer']['embedding'],
     'codebook_levels': _levels(params['quantizer']['embedding']),
+    'prepared_encoder': prepared['encoder'],
     'prepared_decoder': prepared['decoder'],
     'code_norms': _levels(prepared['code_norms']),
   }
@@ -109,17 +128,13 @@ def init_encoder_state(
 ) -> State:
   """Zero conv histories of the encoder (its whole-sequence padding)."""
   features = jax.ShapeDtypeStruct(
-    (
-      batch_size,
-      config.time_stride,
-      config.frame_length // 2,
-      2 * config.num_channels,
-    ),
-    jnp.float32,
+    _features_shape(config, batch_size), jnp.float32
   )
   shapes = jax.eval_shape(
-    lambda p, f: _encoder_net(config, p, {}, f)[1],
-    weights['encoder'],
+    lambda w, f: _encoder_net(
+      config, w['encoder'], w['prepared_encoder'], {}, f
+    )[1],
+    weights,
     features,
   )
   return _zeros_like_shapes(shapes)
@@ -176,7 +191,9 @@ def encode_step(
   """
   frames = window_frames(config, window.shape[1])
   features = codec_lib.stft_features(window, config)[:, :frames]
-  emb, state = _encoder_net(config, weights['encoder'], state, features)
+  emb, state = _encoder_net(
+    config, weights['encoder'], weights['prepared_encoder'], state, features
+  )
   codes = None
   if num_levels is not None:
     codes = _quantize(

@@ -9,6 +9,7 @@ import pytest
 from spectrostream_jax import streaming
 from spectrostream_jax.inference import Codec
 from spectrostream_jax.models import codec as codec_lib
+from spectrostream_jax.models import layers
 
 
 @pytest.fixture(scope='module')
@@ -194,3 +195,28 @@ def test_matches_official_step_mode(parity_weights, shared_dir):
   print(f'stream wav64 max|err| {err64:.2e}, wav_unq {err_unq:.2e}')
   assert err64 <= 2e-5 and err_unq <= 2e-5
   assert (enc.latency_ms, dec.latency_ms) == (50.0, 40.0)
+
+
+def test_output_slices_change_no_code_and_no_sample(monkeypatch):
+  """`prepare_weights` cuts big kernels into output-channel slices (the
+  production decoder's biggest); here every tiny kernel is cut."""
+  monkeypatch.setattr(layers, 'OUTPUT_SLICING', ((0, 4),))
+  jax.clear_caches()  # prepare_weights was traced with the default rule.
+  try:
+    codec = Codec.random(codec_lib.tiny(), seed=5)
+    weights = codec.streaming_weights
+    for net in ('prepared_encoder', 'prepared_decoder'):
+      paths = [
+        jax.tree_util.keystr(p)
+        for p, _ in jax.tree_util.tree_leaves_with_path(weights[net])
+      ]
+      assert any('kernel_slices' in p for p in paths), net
+    wav = _music(1920 * 5 + 300)
+    enc = streaming.StreamingEncoder(codec)
+    codes = np.concatenate([enc.push(wav), enc.flush()], axis=1)
+    np.testing.assert_array_equal(codes, codec.encode(wav))
+    dec = streaming.StreamingDecoder(codec)
+    audio = np.concatenate([dec.push(codes), dec.flush()], axis=1)
+    np.testing.assert_allclose(audio, codec.decode(codes), atol=1e-6)
+  finally:
+    jax.clear_caches()

@@ -9,6 +9,7 @@ the production, mono and ablation configs (docs/streaming.md).
 import dataclasses
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -68,6 +69,29 @@ def test_causal_conv_transpose(kernel, strides):
     _normal(2, 7, 6, 3),
     optimize=False,
   )
+
+
+@pytest.mark.parametrize('transposed', [False, True], ids=['conv', 'transpose'])
+def test_output_slices(monkeypatch, transposed):
+  """A kernel cut into output-channel slices (as the production decoder's
+  biggest are, `layers.OUTPUT_SLICING`) streams like the whole call."""
+  monkeypatch.setattr(layers, 'OUTPUT_SLICING', ((0, 2),))
+  if transposed:  # Time phases fused: 2 · 6 output channels, 6 slices.
+    x = _normal(2, 7, 6, 3)
+
+    def make(s):
+      return layers.CausalConvTranspose2D(6, (4, 3), (2, 1), streaming=s)
+  else:
+    x = _normal(2, 9, 12, 3)
+
+    def make(s):
+      return layers.CausalConv2D(6, (3, 3), streaming=s)
+
+  prepared = make(True).init(jax.random.key(0), x[:, :2])['prepared']
+  shapes = [a.shape for a in jax.tree.leaves(prepared)]
+  want = [(2, 3, 3, 2)] * 6 if transposed else [(3, 3, 3, 2)] * 3
+  assert shapes == want
+  assert_streams_like_whole(make, x, optimize=False)
 
 
 # (strides, in, out): every stride of the codec, projected shortcut or not.

@@ -16,6 +16,9 @@ keeps the input frames its next chunk needs in the `stream` collection
 padding, so the chunked outputs equal the whole-sequence ones.
 """
 
+import functools
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -24,6 +27,14 @@ import numpy as np
 Stride = tuple[int, int]
 
 _DIMS = ('NHWC', 'HWIO', 'NHWC')
+
+# A streamed step gives the embedding-rate layers 5-10 output positions.
+# XLA:CPU computes such a conv with a big kernel faster, and to the same
+# bits, as several convs over slices of its output channels: (at least
+# this many weights, slice width), first match wins. `prepare_weights`
+# cuts the kernels once, into `prepared` (docs/streaming.md, "Where the
+# time goes").
+OUTPUT_SLICING = ((4 * 2**20, 64), (2**19, 128))
 
 
 def time_padding(kernel: int, stride: int) -> tuple[int, int]:
@@ -65,6 +76,25 @@ def _with_history(module: nn.Module, x: jax.Array, frames: int) -> jax.Array:
   return x
 
 
+def _output_slices(kernel: jax.Array) -> tuple[jax.Array, ...]:
+  """[..., out] -> its output channels in slices (a 1-tuple if small)."""
+  if jax.default_backend() != 'cpu':
+    return (kernel,)
+  out = kernel.shape[-1]
+  for weights, width in OUTPUT_SLICING:
+    if math.prod(kernel.shape) >= weights:
+      if out % width or out == width:
+        break
+      return tuple(kernel[..., i : i + width] for i in range(0, out, width))
+  return (kernel,)
+
+
+def _conv_slices(conv, x: jax.Array, kernels: tuple[jax.Array, ...]):
+  if len(kernels) == 1:
+    return conv(x, kernels[0])
+  return jnp.concatenate([conv(x, k) for k in kernels], axis=-1)
+
+
 class ConvParams(nn.Module):
   """Holds one conv's kernel [kt, kf, in, out] and bias (the `conv` leaf)."""
 
@@ -99,20 +129,29 @@ class CausalConv2D(nn.Module):
     kernel, bias = ConvParams(
       (kt, kf, x.shape[-1], self.features), name='conv'
     )()
+    kernel = kernel.astype(self.dtype)
     x = _pad_time_to_multiple(x.astype(self.dtype), st)
     pad_t = time_padding(kt, st)
+    kernels = (kernel,)
     if self.streaming:
       x = _with_history(self, x, pad_t[0])
       pad_t = (0, 0)
-    y = jax.lax.conv_general_dilated(
-      x,
-      kernel.astype(self.dtype),
+      # Steps read the slices `prepare_weights` made; without them, whole.
+      if self.has_variable('prepared', 'kernel_slices') or (
+        self.is_mutable_collection('prepared')
+        and len(_output_slices(kernel)) > 1
+      ):
+        kernels = self.variable(
+          'prepared', 'kernel_slices', _output_slices, kernel
+        ).value
+    conv = functools.partial(
+      jax.lax.conv_general_dilated,
       window_strides=(st, sf),
       padding=(pad_t, freq_padding(kf, sf)),
       dimension_numbers=_DIMS,
       precision=self.precision,
     )
-    return y + bias.astype(self.dtype)
+    return _conv_slices(conv, x, kernels) + bias.astype(self.dtype)
 
 
 def _phase_taps(kernel: int, stride: int, low_pad: int):
@@ -184,24 +223,28 @@ class CausalConvTranspose2D(nn.Module):
       x = _with_history(self, x, past)
       pad_t = (0, 0)
       # The re-laid-out kernels cost a copy of the weights per call, which
-      # a 40 ms step cannot amortise: computed once, kept in `prepared`.
+      # a 40 ms step cannot amortise: computed once, kept in `prepared`,
+      # big ones in output slices.
       kernels = self.variable(
-        'prepared', 'phase_kernels', self._phase_kernels, kernel
+        'prepared',
+        'phase_kernels',
+        lambda k: [_output_slices(d) for d in self._phase_kernels(k)],
+        kernel,
       ).value
     else:
-      kernels = self._phase_kernels(kernel)
+      kernels = [(d,) for d in self._phase_kernels(kernel)]
     outs = []
     for dense, (_, off, n) in zip(
       kernels, _phase_taps(kf, sf, kf - 2), strict=True
     ):
-      y = jax.lax.conv_general_dilated(
-        x,
-        dense,
+      conv = functools.partial(
+        jax.lax.conv_general_dilated,
         window_strides=(1, 1),
         padding=(pad_t, (-off, n - 1 + off)),
         dimension_numbers=_DIMS,
         precision=self.precision,
       )
+      y = _conv_slices(conv, x, tuple(dense))
       outs.append(y.reshape(b, t, f, st, self.features))
     y = jnp.stack(outs, axis=4)  # [b, t, f, st, sf, out]
     y = jnp.transpose(y, (0, 1, 3, 2, 4, 5)).reshape(
