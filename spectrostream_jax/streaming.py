@@ -82,39 +82,65 @@ def prepare_weights(config: codec_lib.CodecConfig, params: dict) -> dict:
 
   Step mode cannot amortise per-call weight transforms: the transposed
   convs' phase kernels, the output slices of the biggest conv kernels,
-  the codebook norms and the per-level codebooks are computed here once.
+  the codebook norms and the codebook search kernels are computed here
+  once.
   """
   prepared = _prepared_tensors(config, params)
   return {
     'encoder': params['encoder'],
     'decoder': params['decoder'],
     'codebooks': params['quantizer']['embedding'],
-    'codebook_levels': _levels(params['quantizer']['embedding']),
+    'search_kernels': _search_kernels(params['quantizer']['embedding']),
     'prepared_encoder': prepared['encoder'],
     'prepared_decoder': prepared['decoder'],
-    'code_norms': _levels(prepared['code_norms']),
+    'code_norms': tuple(prepared['code_norms']),
   }
 
 
+# A level's codebook product, in this many parts (docs/streaming.md, "What
+# changed"): XLA:CPU runs each part's 1×1 conv on its own core.
+_SEARCH_PARTS = 2
+
+
 @jax.jit
-def _levels(stacked: jax.Array) -> tuple[jax.Array, ...]:
-  """[levels, ...] -> one array per level (a copy: 64 MB in production).
+def _search_kernels(stacked: jax.Array) -> tuple[tuple[jax.Array, ...], ...]:
+  """[levels, codes, D] -> per level, 1×1 conv kernels [1, 1, D, codes/n].
 
-  A level's codebook sliced out of the stack inside a step is copied
-  before its matmul (1 MB per level, 64 per frame); separate buffers are
-  read in place. Decoding gathers a few rows and keeps the stack.
+  A copy (64 MB in production), one buffer per part: a level sliced out
+  of the stack inside a step would be copied before its product.
   """
-  return tuple(stacked)
+  parts = _SEARCH_PARTS if stacked.shape[1] % _SEARCH_PARTS == 0 else 1
+  return tuple(
+    tuple(part.T[None, None] for part in jnp.split(level, parts))
+    for level in stacked
+  )
 
 
-def _quantize(codebooks, norms, emb: jax.Array, num_levels: int) -> jax.Array:
-  """`rvq.encode`'s level loop, unrolled over per-level buffers."""
+def _quantize(weights: dict, emb: jax.Array, num_levels: int) -> jax.Array:
+  """`rvq.encode`'s level loop, unrolled, its products as 1×1 convs.
+
+  The scores are those of `rvq.nearest_code` up to float rounding (the
+  product's summation order), as the whole sequence's batched product
+  already differs from a one-frame product.
+  """
   codes = []
-  for codebook, sq_norms in zip(
-    codebooks[:num_levels], norms[:num_levels], strict=True
-  ):
-    code = rvq.nearest_code(emb, codebook, sq_norms)
-    emb = emb - jnp.take(codebook, code, axis=0)
+  for level in range(num_levels):
+    products = [
+      jax.lax.conv_general_dilated(
+        emb[:, :, None, :],
+        kernel,
+        (1, 1),
+        'VALID',
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        precision='highest',
+      )[:, :, 0]
+      for kernel in weights['search_kernels'][level]
+    ]
+    scores = weights['code_norms'][level] - 2.0 * jnp.concatenate(
+      products, axis=-1
+    )
+    code = jnp.argmin(scores, axis=-1).astype(jnp.int32)
+    emb = emb - weights['codebooks'][level][code]
     codes.append(code)
   return jnp.stack(codes, axis=-1)
 
@@ -196,9 +222,7 @@ def encode_step(
   )
   codes = None
   if num_levels is not None:
-    codes = _quantize(
-      weights['codebook_levels'], weights['code_norms'], emb, num_levels
-    )
+    codes = _quantize(weights, emb, num_levels)
   return state, emb, codes
 
 
