@@ -68,6 +68,20 @@ def _interleaved(calls: int, steps: dict) -> tuple[dict, dict]:
   return {n: float(np.median(t)) for n, t in times.items()}, outs
 
 
+def _prepared_bytes(weights: dict) -> int:
+  """Bytes of the weights' leaves that are not the params' own arrays."""
+  params = {
+    id(x)
+    for k in ('encoder', 'decoder', 'codebooks')
+    for x in jax.tree.leaves(weights[k])
+  }
+  return sum(
+    x.size * x.dtype.itemsize
+    for x in jax.tree.leaves(weights)
+    if id(x) not in params
+  )
+
+
 def _max_diff(a: list, b: list) -> float:
   return max(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True))
 
@@ -80,7 +94,11 @@ def output_slices(codec: Codec, calls: int) -> dict:
   }
   rng = np.random.default_rng(0)
   levels = cfg.quantizer.num_levels
-  result = {}
+  # Memory `prepare_weights` adds to the codec's params, per layout.
+  result = {
+    f'{v}_prepared_mb': round(_prepared_bytes(w) / 1e6, 1)
+    for v, w in variants.items()
+  }
   for frames in (1, 4):
     codes = jnp.asarray(
       rng.integers(0, cfg.quantizer.codebook_size, (1, frames, levels)),
@@ -231,12 +249,18 @@ def markdown(r: dict) -> str:
     '|---|---|---|---|',
   ]
   for key, row in s.items():
+    if not isinstance(row, dict):
+      continue
     name, frames, _ = key.split('_')
     lines.append(
       f'| {name}, {frames} frame(s) per call | {row["whole_kernels_ms"]} ms '
       f'| {row["sliced_ms"]} ms | {row["max_abs_diff"]:g} |'
     )
   lines += [
+    '',
+    'Memory `prepare_weights` adds to the params: '
+    f'{s["whole_prepared_mb"]} MB with whole kernels, '
+    f'{s["sliced_prepared_mb"]} MB sliced.',
     '',
     f'Codebook search of one frame, {q["levels"]} levels, codebooks read '
     'from memory (a 256 MB read before each call, its '
