@@ -465,3 +465,28 @@ def test_command_line_exits_cleanly():
   assert done.stderr.strip() == (
     'spectrostream-data scan: error: /no/where: no such file or directory'
   )
+
+
+def test_files_and_synthetic_need_no_tensorflow_datasets(corpus, cache):
+  # TFDS (with TensorFlow behind it) is absent from some accelerator
+  # images; only the TfdsSource may import it, when it opens a dataset.
+  script = f"""
+import sys
+from spectrostream_jax.data import pipeline, sources, transforms
+from spectrostream_jax.training import train
+config = pipeline.PipelineConfig(
+  sources=(
+    sources.FileSource({str(corpus)!r}, cache_dir={cache!r}),
+    sources.SyntheticSource(),
+  ),
+  audio=transforms.AudioConfig(crop_samples=9600),
+  batch_size=4,
+)
+batch = next(iter(pipeline.make_dataset(config)))
+print(batch['audio'].shape, 'tensorflow_datasets' in sys.modules)
+"""
+  done = subprocess.run(
+    [sys.executable, '-c', script], capture_output=True, text=True, check=True
+  )
+  assert done.stdout.split()[-1] == 'False', done.stdout
+  assert '(4, 9600, 2)' in done.stdout

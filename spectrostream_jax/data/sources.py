@@ -20,7 +20,6 @@ from typing import Protocol
 
 import numpy as np
 import soundfile as sf
-import tensorflow_datasets as tfds
 
 from spectrostream_jax import files as files_lib
 from spectrostream_jax.data import index as index_lib
@@ -126,6 +125,10 @@ class TfdsReader:
   """Reads random crops of the records of a TFDS ArrayRecord split."""
 
   def __init__(self, source: TfdsSource, config: transforms.AudioConfig):
+    # Imported here: TFDS (and TensorFlow's import time) is needed by this
+    # source alone, so file and synthetic runs go without it.
+    import tensorflow_datasets as tfds
+
     try:
       self.records = tfds.data_source(
         source.name, split=source.split, data_dir=source.data_dir
