@@ -675,7 +675,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
   """Runs the command line; KeyboardInterrupt is left to the caller.
 
-  The console script (commands.spectrostream) turns Ctrl-C into exit 130
+  The console script (console.spectrostream) turns Ctrl-C into exit 130
   before JAX starts; library callers and tests get Python's exception.
   """
   args = _parser().parse_args(argv)
@@ -703,5 +703,5 @@ if __name__ == '__main__':
   # by now, too late to block SIGINT in all of them, so start again the
   # way the console script does (commands.py) for the same Ctrl-C. (Until
   # here Ctrl-C is Python's KeyboardInterrupt.)
-  code = 'from spectrostream_jax import commands; commands.spectrostream()'
+  code = 'from spectrostream_jax import console; console.spectrostream()'
   os.execv(sys.executable, [sys.executable, '-c', code, *sys.argv[1:]])

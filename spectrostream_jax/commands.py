@@ -14,7 +14,6 @@ unfinished temp files and ends the process.
 import argparse
 from collections.abc import Callable, Iterator, Sequence
 import contextlib
-import importlib
 import math
 import multiprocessing
 import os
@@ -24,6 +23,7 @@ import threading
 from typing import NoReturn
 
 import spectrostream_jax
+from spectrostream_jax import compile_cache
 from spectrostream_jax import files
 
 INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C.
@@ -82,15 +82,30 @@ class Parser(argparse.ArgumentParser):
 
   The argparse commands spell their flags with dashes; the underscore
   spellings they had before stay working, unlisted, so that scripts and
-  old notes do not break.
+  old notes do not break. Every command (and subcommand) takes
+  `--compile-cache DIR|off`, applied as soon as it is parsed, before
+  anything compiles (`compile_cache`).
   """
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    # SUPPRESS: a subcommand's default must not undo the command's value.
+    self.add_argument(
+      '--compile-cache',
+      metavar='DIR',
+      default=argparse.SUPPRESS,
+      help=compile_cache.HELP,
+    )
 
   def error(self, message: str) -> NoReturn:
     self.exit(2, f'{self.prog}: error: {message}\n')
 
   def parse_known_args(self, args=None, namespace=None):
     args = sys.argv[1:] if args is None else list(args)
-    return super().parse_known_args(self._dashed(args), namespace)
+    namespace, rest = super().parse_known_args(self._dashed(args), namespace)
+    if 'compile_cache' in vars(namespace):
+      compile_cache.enable(namespace.compile_cache)
+    return namespace, rest
 
   def _dashed(self, args: Sequence[str]) -> list[str]:
     known = set(self._option_string_actions)
@@ -181,32 +196,3 @@ def exit_on_interrupt(prog: str) -> None:
     _end(prog, 'interrupted')
 
   threading.Thread(target=wait, name='sigint', daemon=True).start()
-
-
-def _entry(prog: str, module: str) -> None:
-  """Sets up Ctrl-C, then imports `module` (and JAX) and runs its main."""
-  exit_on_interrupt(prog)
-  sys.exit(importlib.import_module(module).main())
-
-
-# Console entry points (pyproject.toml [project.scripts]).
-def spectrostream() -> None:
-  _entry('spectrostream', 'spectrostream_jax.cli')
-
-
-def spectrostream_data() -> None:
-  _entry('spectrostream-data', 'spectrostream_jax.data.cli')
-
-
-def spectrostream_export() -> None:
-  _entry('spectrostream-export', 'spectrostream_jax.export')
-
-
-def spectrostream_eval() -> None:
-  _entry('spectrostream-eval', 'spectrostream_jax.evaluation.ladder')
-
-
-def spectrostream_train() -> None:
-  """Training: the first Ctrl-C in the loop saves a checkpoint (train.py)."""
-  exit_on_interrupt('spectrostream-train')
-  importlib.import_module('spectrostream_jax.training.train').run()

@@ -25,6 +25,7 @@ restore → jitted step → loop → cleanup.
 
 import collections
 from collections.abc import Callable
+import concurrent.futures
 import contextlib
 import dataclasses
 import difflib
@@ -51,6 +52,7 @@ import numpy as np
 
 import gin
 from spectrostream_jax import commands
+from spectrostream_jax import compile_cache
 from spectrostream_jax import files
 from spectrostream_jax.data import pipeline
 from spectrostream_jax.models import quantizer as rvq
@@ -88,6 +90,11 @@ _TRAINABLE = flags.DEFINE_string(
   'trainable',
   None,
   "What learns, e.g. 'decoder' or 'encoder+decoder' (train.trainable).",
+)
+_COMPILE_CACHE = flags.DEFINE_string(
+  'compile_cache',
+  None,
+  compile_cache.HELP[0].upper() + compile_cache.HELP[1:] + '.',
 )
 _QUIET = flags.DEFINE_bool(
   'quiet', False, 'Log warnings and errors only.', short_name='q'
@@ -256,21 +263,34 @@ def train(
       model, device_mesh, processes, state_sharding, levels, audio_examples
     )
     warmup_steps = model.warmup_steps
-    start = time.perf_counter()
-    train_step = programs.train_step.lower(abstract, batch_shape).compile()
-    compile_seconds = time.perf_counter() - start
-    check_collective_order(train_step, 'the train step')
-    warmup_step = None
-    if first_step < warmup_steps:
-      warmup_step = programs.warmup_step.lower(abstract, batch_shape).compile()
-      check_collective_order(warmup_step, 'the warm-up step')
+    # A replicated scalar: every process reads the same value, no collective.
+    needs_codebooks = model.learns_codebooks and not bool(
+      jax.device_get(state.codebooks.initialized)
+    )
+    warming = first_step < warmup_steps
+    todo = {
+      'train_step': (abstract, batch_shape),
+      'warmup_step': (abstract, batch_shape) if warming else None,
+      'init_codebooks': (abstract, batch_shape) if needs_codebooks else None,
+      'gradient_norms': (abstract, batch_shape) if log_grad_norms else None,
+      'warmup_norms': (
+        (abstract, batch_shape) if log_grad_norms and warming else None
+      ),
+      'evaluate': (
+        (abstract.ema_params, _shape(held_out[0])) if eval_every else None
+      ),
+    }
+    compiled, compile_seconds = compile_programs(programs, todo)
+    for name, program in compiled.items():
+      check_collective_order(program, f'the program {name}')
+    check_fits(compiled, data.batch_size // device_mesh.size)
+    train_step = compiled['train_step']
     memory = train_step.memory_analysis()
     cost = train_step.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     logging.info(
-      'step compiled in %.1f s: %.3g GFLOP; per device: arguments %.1f MiB, '
-      'outputs %.1f MiB, temporaries %.1f MiB',
-      compile_seconds,
+      'step: %.3g GFLOP; per device: arguments %.1f MiB, outputs %.1f MiB, '
+      'temporaries %.1f MiB',
       float(cost.get('flops', 0.0)) / 1e9,
       memory.argument_size_in_bytes / 2**20,
       memory.output_size_in_bytes / 2**20,
@@ -286,14 +306,13 @@ def train(
 
     # ---------------------------------------------------------------- Loop
     writer = train_logging.Writer(os.path.join(workdir, 'tensorboard'))
-    writer.scalars(first_step, {'perf/compile_seconds': compile_seconds})
+    writer.scalars(
+      first_step,
+      {f'perf/compile_seconds/{k}': v for k, v in compile_seconds.items()},
+    )
     progress = train_logging.Progress(first_step, num_steps)
     skips = collections.Counter()
     skipped = 0
-    # A replicated scalar: every process reads the same value, no collective.
-    needs_codebooks = model.learns_codebooks and not bool(
-      jax.device_get(state.codebooks.initialized)
-    )
     if processes == 1:
       deferral.enter_context(commands.deferred(stop.set))
     for step in range(first_step + 1, num_steps + 1):
@@ -302,7 +321,7 @@ def train(
       batch = global_audio(batch)
       warmup = step <= warmup_steps
       if needs_codebooks and not warmup:
-        state = programs.init_codebooks(state, batch)
+        state = compiled['init_codebooks'](state, batch)
         needs_codebooks = False
       logging_step = step % log_every == 0 or step in (
         first_step + 1,
@@ -310,9 +329,10 @@ def train(
       )
       grad_norms = {}
       if logging_step and log_grad_norms:
-        norms = programs.warmup_norms if warmup else programs.gradient_norms
-        grad_norms = norms(state, batch)
-      state, metrics = (warmup_step if warmup else train_step)(state, batch)
+        norms = 'warmup_norms' if warmup else 'gradient_norms'
+        grad_norms = compiled[norms](state, batch)
+      update = compiled['warmup_step' if warmup else 'train_step']
+      state, metrics = update(state, batch)
       progress.update(step)
 
       if logging_step:
@@ -338,7 +358,7 @@ def train(
       eval_metrics = None
       if eval_every and (step % eval_every == 0 or step == num_steps):
         eval_metrics = _evaluate(
-          programs.evaluate,
+          compiled['evaluate'],
           state.ema_params,
           held_out,
           eval_kbps,
@@ -554,6 +574,127 @@ def check_collective_order(compiled: Any, what: str) -> None:
     )
 
 
+def _shape(batch: dict[str, jax.Array]) -> dict[str, jax.ShapeDtypeStruct]:
+  return {
+    k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
+    for k, v in batch.items()
+  }
+
+
+def compile_programs(
+  programs: Programs, todo: dict[str, tuple[Any, ...] | None]
+) -> tuple[dict[str, Any], dict[str, float]]:
+  """Compiles the programs a run needs, given their abstract arguments.
+
+  Ahead of the first step, so that each one's compile time is logged and
+  a step that cannot fit is refused before it runs (`check_fits`); in
+  parallel threads (XLA compiles one program on about one core), after
+  tracing them one by one. With the persistent cache (`compile_cache`)
+  a warm start loads them instead. Returns the executables and the
+  seconds each took, by name.
+  """
+  lowered = {
+    name: getattr(programs, name).lower(*args)
+    for name, args in todo.items()
+    if args is not None
+  }
+
+  def compile_one(name):
+    start = time.perf_counter()
+    program = lowered[name].compile()
+    seconds = time.perf_counter() - start
+    logging.info('compiled %s in %.1f s', name, seconds)
+    return program, seconds
+
+  start = time.perf_counter()
+  workers = max(1, min(len(lowered), os.cpu_count() or 1))
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    done = dict(zip(lowered, pool.map(compile_one, lowered), strict=True))
+  logging.info(
+    '%d programs compiled in %.1f s (%d at a time)',
+    len(done),
+    time.perf_counter() - start,
+    workers,
+  )
+  return (
+    {name: program for name, (program, _) in done.items()},
+    {name: seconds for name, (_, seconds) in done.items()},
+  )
+
+
+class DoesNotFitError(ValueError):
+  """A program of the run needs more memory than a device has."""
+
+
+def device_memory() -> tuple[int, str] | None:
+  """(bytes a program may use on one local device, what that figure is).
+
+  An accelerator's allocator limit; on CPU, whose devices share the
+  host's memory, the memory still available (the state is already in it)
+  split over the local devices. None where neither is known.
+  """
+  device = jax.local_devices()[0]
+  stats = device.memory_stats() if device.platform != 'cpu' else None
+  if stats and stats.get('bytes_limit'):
+    return int(stats['bytes_limit']), f'{device.device_kind} memory limit'
+  try:
+    with open('/proc/meminfo') as f:
+      info = dict(line.split(':', 1) for line in f)
+  except OSError:
+    return None
+  available = int(info['MemAvailable'].split()[0]) * 1024
+  return available // jax.local_device_count(), 'available host memory'
+
+
+def peak_bytes(compiled: Any, resident: bool) -> int:
+  """A program's peak memory per device, from its compiled analysis.
+
+  `resident`: its arguments are already in memory (on CPU, where the
+  available figure excludes them), so only outputs and temporaries count.
+  """
+  m = compiled.memory_analysis()
+  outputs = m.output_size_in_bytes - m.alias_size_in_bytes
+  need = outputs + m.temp_size_in_bytes
+  return need if resident else need + m.argument_size_in_bytes
+
+
+def _size(n: float) -> str:
+  return f'{n / 2**30:.1f} GiB' if n >= 2**30 else f'{n / 2**20:.1f} MiB'
+
+
+def check_fits(
+  compiled: dict[str, Any],
+  per_device_batch: int,
+  memory: tuple[int, str] | None = None,
+) -> None:
+  """Raises DoesNotFitError, naming the largest batch that would, if a program
+  of the run needs more memory than a device has.
+
+  The estimate of the largest batch scales the temporaries, which grow
+  with the batch, and keeps the rest (state, outputs) fixed.
+  """
+  memory = memory or device_memory()
+  if memory is None:
+    return
+  limit, what = memory
+  resident = what == 'available host memory'
+  name, program = max(
+    compiled.items(), key=lambda kv: peak_bytes(kv[1], resident)
+  )
+  need = peak_bytes(program, resident)
+  if need <= limit:
+    return
+  temp = program.memory_analysis().temp_size_in_bytes
+  per_example = max(temp / per_device_batch, 1.0)
+  largest = max(int((limit - (need - temp)) // per_example), 0)
+  raise DoesNotFitError(
+    f'{name} needs {_size(need)} per device at a per-device batch of '
+    f'{per_device_batch}, more than the {_size(limit)} of {what}; about '
+    f'{largest} examples per device fit (set '
+    'pipeline.PipelineConfig.batch_size to that times the device count)'
+  )
+
+
 def _evaluate(eval_step, params, held_out, kbps, codec, writer, step):
   """Runs the held-out set; logs scalars, codebook use, audio, spectrograms."""
   totals, counts = {}, 0.0
@@ -748,6 +889,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_quiet)
+  compile_cache.enable(_COMPILE_CACHE.value)
   if _QUIET.value:
     logging.set_verbosity(logging.WARNING)
   _start_processes()
@@ -775,7 +917,7 @@ def main(argv: list[str]) -> None:
       f'interrupted: checkpoint {e.step} saved in {e.directory}; the same '
       'command resumes',
     )
-  except (finetune.SourceError, trainable_lib.SpecError) as e:
+  except (finetune.SourceError, trainable_lib.SpecError, DoesNotFitError) as e:
     # gin appends a line naming the configurable; ours is the first.
     sys.exit(f'{PROG}: error: {files.first_line(e)}')
   logging.info(
@@ -811,6 +953,9 @@ Trains a SpectroStream codec, or resumes the run in DIR.
   --gin_bindings='SELECTOR = VALUE'
                          the same in gin's syntax (repeatable)
   --init_from=MODEL_DIR  start from a model directory (fine-tuning)
+  --compile_cache=DIR    persistent XLA compilation cache, or off (default:
+                         $SPECTROSTREAM_COMPILE_CACHE or
+                         ~/.cache/spectrostream_jax/xla)
   --trainable=PARTS      what learns, e.g. decoder or encoder+decoder
   --distributed          several hosts: JAX finds the cluster (TPU pod,
                          Slurm); or --coordinator_address, --num_processes,
