@@ -10,8 +10,10 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
+import soundfile as sf
 
 from spectrostream_jax import Codec
+from spectrostream_jax import cli
 from spectrostream_jax import export
 from spectrostream_jax import lowering
 from spectrostream_jax import precision
@@ -230,3 +232,32 @@ def test_gin_binds_and_records_the_training_precision(hardware, mode):
     )
   finally:
     gin.clear_config()
+
+
+def test_cli_precision_reaches_the_codec(
+  tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+  loaded = []
+
+  def load(model_dir, mode):
+    loaded.append(mode)
+    raise ValueError('stop here')
+
+  monkeypatch.setattr(cli.Codec, 'load', load)
+  wav, sps = tmp_path / 'in.wav', tmp_path / 'in.sps'
+  sf.write(wav, np.zeros((480, 2), np.float32), 48_000)
+  sps.write_bytes(b'')
+  for command, paths in (
+    ('encode', [wav, tmp_path / 'out.sps']),
+    ('decode', [sps, tmp_path / 'out.wav']),
+    ('demo', [wav]),
+  ):
+    for extra in ([], ['--precision', 'bfloat16']):
+      args = [command, '--model', tiny_model_dir, *extra, *map(str, paths)]
+      assert cli.main(args) == 1
+      assert 'stop here' in capsys.readouterr().err
+  assert loaded == ['float32', 'bfloat16'] * 3
+  with pytest.raises(SystemExit) as exit_:
+    cli.main(['encode', '--model', 'm', '--precision', 'tf32', 'a', 'b'])
+  assert exit_.value.code == 2
+  assert "invalid choice: 'tf32'" in capsys.readouterr().err
