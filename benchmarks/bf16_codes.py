@@ -14,7 +14,6 @@ f32 decoder's mel distance and SI-SDR from each encode's codes at 1, 4 and
 """
 
 import argparse
-import dataclasses
 import json
 import sys
 
@@ -99,9 +98,7 @@ def main(argv=None) -> int:
   ap.add_argument('--clip-seconds', type=float, default=20.0)
   args = ap.parse_args(argv)
   f32 = inference.Codec.load(args.model)
-  bf16 = inference.Codec(
-    f32.params, dataclasses.replace(f32.config, dtype='bfloat16')
-  )
+  bf16 = inference.Codec(f32.params, f32.config, precision='bfloat16')
   clips = [c.audio for c in clips_lib.load(args.data, args.clip_seconds).clips]
   result = {
     'benchmark': 'bf16_codes',

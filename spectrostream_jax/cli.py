@@ -34,6 +34,7 @@ from spectrostream_jax import channels
 from spectrostream_jax import commands
 from spectrostream_jax import demo
 from spectrostream_jax import files
+from spectrostream_jax import precision
 from spectrostream_jax import streaming
 from spectrostream_jax.data import index
 from spectrostream_jax.inference import Codec
@@ -71,9 +72,9 @@ def _subtype(value: str) -> str:
 # Model and its settings.
 
 
-def _load_codec(model_dir: str) -> Codec:
+def _load_codec(model_dir: str, mode: str) -> Codec:
   try:
-    return Codec.load(model_dir)
+    return Codec.load(model_dir, mode)
   except (ValueError, OSError) as e:
     raise UserError(f'cannot load model {model_dir}: {e}') from None
 
@@ -524,7 +525,7 @@ def cmd_encode(args) -> int:
         f'{dst}: encode writes a {SUFFIX} bitstream, not {dst.suffix} audio'
       )
   _check_output(plan, args)
-  codec = _load_codec(args.model)
+  codec = _load_codec(args.model, args.precision)
   levels = _levels(codec, args)
   frames = _block_frames(codec, args.block_seconds)
   _loaded(args, codec)
@@ -543,7 +544,7 @@ def cmd_decode(args) -> int:
   for dst in [plan.pairs[0][1]] if plan.pairs else []:
     _audio_format(dst, args.subtype)  # A folder's outputs are all WAVs.
   _check_output(plan, args)
-  codec = _load_codec(args.model)
+  codec = _load_codec(args.model, args.precision)
   frames = _block_frames(codec, args.block_seconds)
   _loaded(args, codec)
   job = _Job(
@@ -581,7 +582,7 @@ def cmd_demo(args) -> int:
     out_format = _audio_format(out, None)
     if out.exists() and out.resolve() == pathlib.Path(args.input).resolve():
       raise UserError(f'{out} is the input file; give another --out')
-  codec = _load_codec(args.model)
+  codec = _load_codec(args.model, args.precision)
   levels = _levels(codec, args)
   with _open_audio(pathlib.Path(args.input)) as f:
     n = min(f.frames, round(args.seconds * f.samplerate))
@@ -616,8 +617,19 @@ def _parser() -> argparse.ArgumentParser:
       help='RVQ levels (default: all)',
     )
 
+  def products(q):
+    q.add_argument(
+      '--precision',
+      choices=precision.MODES,
+      default=precision.DEFAULT,
+      help="products in full float32, so codes agree with a CPU's and "
+      "Google's (default), or the faster 'tensorfloat32' / 'bfloat16' on "
+      'GPUs and TPUs (docs/precision.md)',
+    )
+
   def common(q, kind):
     commands.add_version(q, PROG)
+    products(q)
     commands.add_verbosity(
       q,
       quiet='no progress bar or summary; errors only',
@@ -667,6 +679,7 @@ def _parser() -> argparse.ArgumentParser:
     '--model', required=True, metavar='DIR', help='model directory'
   )
   bitrate(m)
+  products(m)
   demo.add_arguments(m)
   m.add_argument('input', type=commands.file_name)
   return p

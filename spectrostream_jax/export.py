@@ -33,6 +33,7 @@ from spectrostream_jax import commands
 from spectrostream_jax import files
 from spectrostream_jax import inference
 from spectrostream_jax import model_dir as model_dir_lib
+from spectrostream_jax import precision as precision_lib
 from spectrostream_jax import weights
 from spectrostream_jax.models import codec as codec_lib
 from spectrostream_jax.training import checkpoint
@@ -72,11 +73,14 @@ def _exported_functions(
   """{name: (kind, frames, Exported)}: encode and decode per block size.
 
   Both take the merged weights dict keyed by official names, so a user
-  passes what safetensors loaded. Exported at `highest` precision, so the
-  codes do not depend on an accelerator's default (TF32, bf16 passes).
+  passes what safetensors loaded. Traced in float32 at `highest`
+  precision whatever `codec.precision` is, so the codes do not depend on
+  an accelerator's default (TF32, bf16 passes; docs/precision.md).
   """
   c = codec.config
-  model = codec_lib.SpectroStream(c)
+  model = codec_lib.SpectroStream(
+    precision_lib.inference_config(c, precision_lib.DEFAULT)
+  )
   flat_params = weights.flat_paths(codec.params)
   model_paths = {weights.official_key(p)[1]: p for p in flat_params}
   flat_spec = {
@@ -96,19 +100,19 @@ def _exported_functions(
 
   (batch,) = jax_export.symbolic_shape('batch')
   out = {}
-  with jax.default_matmul_precision('highest'):
-    for frames in block_frames:
-      wav = jax.ShapeDtypeStruct(
-        (batch, frames * c.samples_per_frame, c.num_channels), jnp.float32
+  for frames in block_frames:
+    wav = jax.ShapeDtypeStruct(
+      (batch, frames * c.samples_per_frame, c.num_channels), jnp.float32
+    )
+    codes = jax.ShapeDtypeStruct(
+      (batch, frames, c.quantizer.num_levels), jnp.int32
+    )
+    for kind, fn, arg in (('encode', encode, wav), ('decode', decode, codes)):
+      program = jax.jit(precision_lib.traced(fn, precision_lib.DEFAULT))
+      exported = jax_export.export(program, platforms=tuple(platforms))(
+        flat_spec, arg
       )
-      codes = jax.ShapeDtypeStruct(
-        (batch, frames, c.quantizer.num_levels), jnp.int32
-      )
-      for kind, fn, arg in (('encode', encode, wav), ('decode', decode, codes)):
-        exported = jax_export.export(jax.jit(fn), platforms=tuple(platforms))(
-          flat_spec, arg
-        )
-        out[f'{kind}_{frames}'] = (kind, frames, exported)
+      out[f'{kind}_{frames}'] = (kind, frames, exported)
   return out
 
 

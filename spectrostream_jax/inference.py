@@ -21,6 +21,10 @@ and float16 are cast to float32. Arrays in may be numpy or JAX; arrays out
 are numpy. Every method validates its input and raises ValueError with a
 one-line reason for anything it cannot treat correctly, rather than
 returning garbage.
+
+Products run in full float32 on every platform, so codes agree with a
+CPU's and Google's; `precision='tensorfloat32'` or `'bfloat16'` trades
+that for speed (docs/precision.md).
 """
 
 import functools
@@ -37,6 +41,7 @@ from spectrostream_jax import audio_formats
 from spectrostream_jax import checks
 from spectrostream_jax import files
 from spectrostream_jax import model_dir as model_dir_lib
+from spectrostream_jax import precision as precision_lib
 from spectrostream_jax import streaming
 from spectrostream_jax import weights
 from spectrostream_jax.models import codec as codec_lib
@@ -50,8 +55,15 @@ class Codec:
     params,
     config: codec_lib.CodecConfig | None = None,
     codes_compatible_with: str | None = None,
+    precision: str = precision_lib.DEFAULT,
   ):
     self.config = config or codec_lib.production()
+    # A `precision_lib.MODES` name, and the config the programs compute
+    # with: the mode's dtype, not the one the model was trained in.
+    self.precision = precision_lib.check(precision)
+    self.compute_config = precision_lib.inference_config(
+      self.config, self.precision
+    )
     # The model whose codes this one shares (a decoder fine-tune's source,
     # docs/finetune.md); None when its codes are its own.
     self.codes_compatible_with = codes_compatible_with
@@ -63,7 +75,7 @@ class Codec:
     self.params = jax.device_put(
       jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
     )
-    self._model = codec_lib.SpectroStream(self.config)
+    self._model = codec_lib.SpectroStream(self.compute_config)
     self._model_id = None
 
   @classmethod
@@ -72,20 +84,23 @@ class Codec:
     encoder_path: str,
     soundstream_path: str,
     config: codec_lib.CodecConfig | None = None,
+    precision: str = precision_lib.DEFAULT,
   ) -> 'Codec':
     """Loads the official two-file layout (production preset by default)."""
     config = config or codec_lib.production()
     params = weights.load_official(
       encoder_path, soundstream_path, codec_lib.param_shapes(config)
     )
-    codec = cls(params, config)
+    codec = cls(params, config, precision=precision)
     codec._model_id = model_dir_lib.files_model_id(
       encoder_path, soundstream_path
     )
     return codec
 
   @classmethod
-  def load(cls, model_dir: str) -> 'Codec':
+  def load(
+    cls, model_dir: str, precision: str = precision_lib.DEFAULT
+  ) -> 'Codec':
     """Loads a model directory (see docs/export.md).
 
     Without config.json the directory is the official release: the two
@@ -94,7 +109,7 @@ class Codec:
     """
     found = model_dir_lib.locate(model_dir)
     codec = cls.from_safetensors(
-      found.encoder_path, found.soundstream_path, found.config
+      found.encoder_path, found.soundstream_path, found.config, precision
     )
     if found.model_id is not None and found.model_id != codec.model_id:
       raise ValueError(
@@ -107,11 +122,15 @@ class Codec:
 
   @classmethod
   def random(
-    cls, config: codec_lib.CodecConfig | None = None, seed: int = 0
+    cls,
+    config: codec_lib.CodecConfig | None = None,
+    seed: int = 0,
+    precision: str = precision_lib.DEFAULT,
   ) -> 'Codec':
     """Untrained weights, for smoke tests and benchmarks."""
     config = config or codec_lib.production()
-    return cls(codec_lib.init_params(config, jax.random.key(seed)), config)
+    params = codec_lib.init_params(config, jax.random.key(seed))
+    return cls(params, config, precision=precision)
 
   @property
   def model_id(self) -> str:
@@ -290,17 +309,21 @@ class Codec:
   @functools.cached_property
   def streaming_weights(self) -> dict:
     """`streaming.prepare_weights` of this codec, shared by its streams."""
-    return streaming.prepare_weights(self.config, self.params)
+    return streaming.prepare_weights(self.compute_config, self.params)
+
+  def _jit(self, fn, **kwargs):
+    """jax.jit of `fn`, traced at this codec's precision."""
+    return jax.jit(precision_lib.traced(fn, self.precision), **kwargs)
 
   @functools.cached_property
   def _embed(self):
     m = self._model
-    return jax.jit(lambda p, x: m.apply({'params': p}, x, method=m.embed))
+    return self._jit(lambda p, x: m.apply({'params': p}, x, method=m.embed))
 
   @functools.cached_property
   def _encode(self):
     m = self._model
-    return jax.jit(
+    return self._jit(
       lambda p, x, n: m.apply({'params': p}, x, n, method=m.encode),
       static_argnums=2,
     )
@@ -308,11 +331,11 @@ class Codec:
   @functools.cached_property
   def _decode(self):
     m = self._model
-    return jax.jit(lambda p, c: m.apply({'params': p}, c, method=m.decode))
+    return self._jit(lambda p, c: m.apply({'params': p}, c, method=m.decode))
 
   @functools.cached_property
   def _decode_emb(self):
     m = self._model
-    return jax.jit(
+    return self._jit(
       lambda p, e: m.apply({'params': p}, e, method=m.decode_embeddings)
     )

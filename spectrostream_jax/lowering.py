@@ -23,6 +23,11 @@ and donation of the module's arguments and results, and
 (`training/sharding.py`'s for a train state). The shardings are read from
 Shardy's `sdy.sharding` attributes, the partitioner this JAX uses.
 
+`precision_problems` reads another property of a module: the
+convolutions and dots that let the platform multiply float32 at reduced
+precision (TF32, bf16 passes), which the inference programs must not do
+(docs/precision.md).
+
 What this does not prove: the module is neither compiled nor run, so XLA's
 own limits on the platform (memory, unsupported layouts, kernel bugs) and
 the numbers it computes stay untested.
@@ -73,6 +78,11 @@ _SIDE_EFFECT = re.compile(r'has_side_effect\s*=\s*true')
 _FLOAT64_TYPE = re.compile(r'tensor<(?:[^<>]*x)?(?:complex<)?f64>')
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 _LOCATION = re.compile(r'loc\((?:"(?:[^"\\]|\\.)*"|[^()"]|\([^()]*\))*\)')
+_PRODUCT_OP = re.compile(r'\bstablehlo\.(?:convolution|dot_general|dot)\b')
+# `precision_config = [#stablehlo<precision HIGHEST>, ...]` on a
+# convolution, `precision = [HIGHEST, HIGHEST]` on a dot; none is DEFAULT.
+_PRECISIONS = re.compile(r'\bprecision(?:_config)?\s*=\s*\[([^\]]*)\]')
+_PRECISION = re.compile(r'\b(DEFAULT|HIGHEST|HIGH)\b')
 
 # Files whose frames are JAX's and its libraries', not the program's.
 _LIBRARY_FRAME = re.compile(r'/(jax|jaxlib|flax|optax)/')
@@ -161,6 +171,30 @@ def module_problems(text: str, platform: str) -> list[str]:
     for problem in _line_problems(line, allowed, platform):
       found.setdefault(problem, number)
   return [f'{problem} (line {number})' for problem, number in found.items()]
+
+
+def precision_problems(text: str) -> list[str]:
+  """Convolutions and dots of a module not at full float32 precision.
+
+  An op is at full precision when both operands ask for HIGHEST; without
+  a precision attribute it asks for DEFAULT. One entry per op, with its
+  line number and what it asks for.
+  """
+  found = []
+  for number, line in enumerate(text.splitlines(), 1):
+    if line.startswith('#loc'):
+      continue
+    code = _STRING.sub('""', _LOCATION.sub('', line))
+    op = _PRODUCT_OP.search(code)
+    if not op:
+      continue
+    match = _PRECISIONS.search(code)
+    asked = _PRECISION.findall(match.group(1)) if match else []
+    if not asked or any(p != 'HIGHEST' for p in asked):
+      found.append(
+        f'{op.group(0)} at {", ".join(asked) or "DEFAULT"} (line {number})'
+      )
+  return found
 
 
 def _line_problems(line: str, allowed, platform: str) -> Iterator[str]:

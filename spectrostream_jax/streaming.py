@@ -12,7 +12,8 @@ same end padding as the whole-sequence path).
 Functional core: `prepare_weights`, `init_encoder_state`, `encode_step`,
 `init_decoder_state`, `decode_step`. Imperative wrappers that buffer
 samples on the host and keep the state on the device: `StreamingEncoder`,
-`StreamingDecoder`.
+`StreamingDecoder`. The steps multiply at their `precision` mode, full
+float32 by default (docs/precision.md); the wrappers take their codec's.
 """
 
 import functools
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spectrostream_jax import checks
+from spectrostream_jax import precision as precision_lib
 from spectrostream_jax import signal
 from spectrostream_jax.models import codec as codec_lib
 from spectrostream_jax.models import quantizer as rvq
@@ -199,13 +201,14 @@ def window_frames(config: codec_lib.CodecConfig, window_samples: int) -> int:
   return frames - 1
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4), donate_argnums=2)
+@functools.partial(jax.jit, static_argnums=(0, 4, 5), donate_argnums=2)
 def encode_step(
   config: codec_lib.CodecConfig,
   weights: dict,
   state: State,
   window: jax.Array,
   num_levels: int | None,
+  precision: str = precision_lib.DEFAULT,
 ) -> tuple[State, jax.Array, jax.Array | None]:
   """One chunk: window [B, hop·(F + 1), C] -> (state, emb, codes).
 
@@ -215,6 +218,11 @@ def encode_step(
   be ragged and is then padded exactly as the whole-sequence path pads it.
   `num_levels` None skips quantisation (codes None).
   """
+  with precision_lib.products(precision):
+    return _encode_chunk(config, weights, state, window, num_levels)
+
+
+def _encode_chunk(config, weights, state, window, num_levels):
   frames = window_frames(config, window.shape[1])
   features = codec_lib.stft_features(window, config)[:, :frames]
   emb, state = _encoder_net(
@@ -226,12 +234,13 @@ def encode_step(
   return state, emb, codes
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+@functools.partial(jax.jit, static_argnums=(0, 4), donate_argnums=2)
 def decode_step(
   config: codec_lib.CodecConfig,
   weights: dict,
   state: State,
   inputs: jax.Array,
+  precision: str = precision_lib.DEFAULT,
 ) -> tuple[State, jax.Array]:
   """One chunk: codes [B, n, levels] (or embeddings [B, n, D]) -> audio.
 
@@ -239,6 +248,11 @@ def decode_step(
   input frame. The first `lookahead` blocks of a stream are the decoder's
   look-ahead and hold zeros; the wrappers drop them.
   """
+  with precision_lib.products(precision):
+    return _decode_chunk(config, weights, state, inputs)
+
+
+def _decode_chunk(config, weights, state, inputs):
   if jnp.issubdtype(inputs.dtype, jnp.integer):
     emb = rvq.decode(weights['codebooks'], inputs)
   else:
@@ -280,7 +294,8 @@ class StreamingEncoder:
     frames_per_step: int = 1,
     batch_size: int = 1,
   ):
-    self.config, self._weights = codec.config, codec.streaming_weights
+    self.config, self._weights = codec.compute_config, codec.streaming_weights
+    self.precision = codec.precision
     q = self.config.quantizer
     levels = checks.check_levels(
       q.num_levels if num_levels is None else num_levels, q.num_levels
@@ -350,7 +365,12 @@ class StreamingEncoder:
 
   def _run(self, window: np.ndarray) -> np.ndarray:
     self._state, emb, codes = encode_step(
-      self.config, self._weights, self._state, window, self.num_levels
+      self.config,
+      self._weights,
+      self._state,
+      window,
+      self.num_levels,
+      self.precision,
     )
     out = emb if codes is None else codes
     self.frames_out += out.shape[1]
@@ -387,7 +407,8 @@ class StreamingDecoder:
   """
 
   def __init__(self, codec, *, frames_per_step: int = 1, batch_size: int = 1):
-    self.config, self._weights = codec.config, codec.streaming_weights
+    self.config, self._weights = codec.compute_config, codec.streaming_weights
+    self.precision = codec.precision
     if frames_per_step < 1:
       raise ValueError(f'frames_per_step must be >= 1, got {frames_per_step}')
     self.frames_per_step = frames_per_step
@@ -447,7 +468,7 @@ class StreamingDecoder:
     for start in range(0, inputs.shape[1], self.frames_per_step):
       chunk = inputs[:, start : start + self.frames_per_step]
       self._state, wav = decode_step(
-        self.config, self._weights, self._state, chunk
+        self.config, self._weights, self._state, chunk, self.precision
       )
       wav = np.asarray(wav)
       drop = min(self._to_drop, wav.shape[1])

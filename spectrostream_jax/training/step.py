@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import optax
 
 from spectrostream_jax import losses
+from spectrostream_jax import precision
 from spectrostream_jax.models import codec as codec_lib
 from spectrostream_jax.models import discriminator as disc_lib
 from spectrostream_jax.models import quantizer as rvq
@@ -69,6 +70,9 @@ class StepConfig:
   # The codec parameters that learn (`trainable` module): set from
   # `train.trainable`; 'all' trains everything.
   trainable: str = trainable_lib.ALL
+  # Precision of the float32 products (`precision.MODES`); the hardware
+  # gin files bind it (docs/precision.md).
+  matmul_precision: str = precision.DEFAULT
 
   def __post_init__(self):
     if self.discriminator.num_channels != self.codec.num_channels:
@@ -78,6 +82,7 @@ class StepConfig:
     if self.warmup_steps < 0:
       raise ValueError('warmup_steps must be >= 0')
     trainable_lib.parse(self.trainable)
+    precision.check(self.matmul_precision)
 
   @property
   def ema_codebooks(self) -> bool:
@@ -100,6 +105,17 @@ class StepConfig:
 
 # Parameters the generator optimizer leaves alone when codebooks are EMA.
 EMA_CODEBOOK = 'quantizer/embedding'
+
+
+def _at_config_precision(fn):
+  """Traces `fn(config, ...)` at `config.matmul_precision`."""
+
+  @functools.wraps(fn)
+  def run(config: StepConfig, *args, **kwargs):
+    with precision.products(config.matmul_precision):
+      return fn(config, *args, **kwargs)
+
+  return run
 
 
 def optimizers(
@@ -143,6 +159,7 @@ def replicate(x, mesh: jax.sharding.Mesh | None):
   return jax.lax.with_sharding_constraint(x, sharding.replicated(mesh))
 
 
+@_at_config_precision
 def init_codebooks(
   config: StepConfig,
   state: train_state.TrainState,
@@ -269,6 +286,7 @@ def _balanced(
   return ct, balance
 
 
+@_at_config_precision
 def train_step(
   config: StepConfig,
   state: train_state.TrainState,
@@ -474,6 +492,7 @@ def train_step(
   return new_state, metrics
 
 
+@_at_config_precision
 def gradient_norms(
   config: StepConfig,
   state: train_state.TrainState,
@@ -537,6 +556,7 @@ def _level_metrics(counts: jax.Array) -> dict[str, jax.Array]:
   return out
 
 
+@_at_config_precision
 def evaluate(
   config: StepConfig,
   params,
