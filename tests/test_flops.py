@@ -163,3 +163,35 @@ def test_mfu_over_all_devices():
   assert flops.peak('cpu') is None
   assert flops.mfu(1e9, 1.0, 'float32', 1, 'cpu') is None
   assert flops.peak('NVIDIA H200').bfloat16 == 989.5e12
+
+
+def test_trainer_step_counts_the_global_batch():
+  """The trainer's sharded step (8 devices, fsdp 2), traced as train.py
+  does, counts what the plain step counts for the whole batch."""
+  import functools
+
+  from spectrostream_jax.models import discriminator
+  from spectrostream_jax.training import sharding
+  from spectrostream_jax.training import step as step_lib
+  from spectrostream_jax.training import train
+
+  cfg = codec_lib.tiny()
+  disc = discriminator.DiscriminatorConfig(
+    windows=(256,), base_channels=4, channel_multipliers=(1,), strides=((1, 2),)
+  )
+  model = step_lib.StepConfig(codec=cfg, discriminator=disc)
+  mesh_config = sharding.MeshConfig(fsdp=2)
+  mesh = sharding.make_mesh(mesh_config)
+  abstract = jax.eval_shape(functools.partial(step_lib.init_state, model), 0)
+  state_sharding = sharding.tree_shardings(mesh, abstract, mesh_config)
+  programs = train.jit_programs(model, mesh, 1, state_sharding, [8], 1)
+  shape = (8, 5 * cfg.samples_per_frame, 2)
+  batch = {'audio': jax.ShapeDtypeStruct(shape, f32)}
+  sharded = {
+    'audio': jax.ShapeDtypeStruct(
+      shape, f32, sharding=sharding.batch_sharding(mesh)
+    )
+  }
+  traced = programs.train_step.trace(abstract, sharded)
+  plain = lambda s, b: step_lib.train_step(model, s, b, mesh)
+  assert flops.of_jaxpr(traced.jaxpr) == flops.count(plain, abstract, batch)
