@@ -39,6 +39,7 @@ import os
 import pathlib
 import re
 import runpy
+import shlex
 import signal
 import subprocess
 import sys
@@ -352,7 +353,7 @@ def train_run(
   compiled = out.first(r'step compiled in ([\d.]+) s: ([\d.e+]+) GFLOP')
   logged = out.last(STEP)
   result = {
-    'command': 'spectrostream-train ' + ' '.join(flags),
+    'command': shlex.join(['spectrostream-train', *flags]),
     'seconds_to_first_step': round(first[0] - start, 1),
     'trained_seconds': round(stopped - first[0], 1),
     'steps': last_step,
@@ -451,6 +452,9 @@ def main():
     **report.environment(),
     'devices': jax.device_count(),
     'command': report.command_line(),
+    # Other jobs on the machine slow every figure: a load above the core
+    # count means they shared it.
+    'load_before': [round(x, 2) for x in os.getloadavg()],
   }
   if args.compile_cache:
     result['compile_cache'] = enable_cache(args.compile_cache)
@@ -483,6 +487,7 @@ def main():
         args.quick,
       )
   result['total_seconds'] = round(time.monotonic() - start, 1)
+  result['load_after'] = [round(x, 2) for x in os.getloadavg()]
   print(json.dumps(result, indent=1))
   if args.update_docs:
     report.update_section('device_check', result, markdown)
@@ -494,7 +499,10 @@ def markdown(r: dict) -> str:
     '',
     report.machine_line(r),
     '',
-    'What each figure is and how to run it: docs/device_check.md.',
+    f'{r["total_seconds"]:g} s in all. Load average (1, 5, 15 min) '
+    f'{_loads(r["load_before"])} before and {_loads(r["load_after"])} '
+    f'after, on {r["cpu_count"]} cores. What each figure is and how to run '
+    'it: docs/device_check.md.',
     '',
   ]
   failed = [
@@ -508,6 +516,10 @@ def markdown(r: dict) -> str:
   lines += _speed_lines(r.get('codec_speed', {}), r.get('streaming', {}))
   lines += _train_lines(r)
   return '\n'.join([*lines, *report.json_details(r)])
+
+
+def _loads(values: list[float]) -> str:
+  return ', '.join(f'{v:g}' for v in values)
 
 
 def _parity_lines(p: dict) -> list[str]:
