@@ -5,7 +5,8 @@
 Prints one JSON object: wall time, real-time factor and achieved GFLOP/s of
 encode (waveform -> 64-level codes), decode (codes -> waveform) and the round
 trip, next to this machine's own float32 matmul rate measured in the same
-run. FLOPs come from XLA's cost analysis of the compiled functions. With
+run and, on an accelerator in `flops.PEAKS`, the MFU. FLOPs are the matrix
+products and convolutions of each function (`spectrostream_jax.flops`). With
 `--official-python PY` it also times Google's implementation on the same job
 (benchmarks/official_codec_speed.py, run by PY, a Python that has the
 magenta-rt package), alternating calls of the two implementations. With
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spectrostream_jax import flops as flops_lib
 from spectrostream_jax.models import codec as codec_lib
 
 try:
@@ -47,22 +49,27 @@ def _timed(fn, *args) -> float:
 
 
 def measure(fn, args, repeats: int) -> dict:
-  lowered = jax.jit(fn).lower(*args)
+  """Compile time, best and median wall time, FLOPs and MFU of fn(*args).
+
+  The MFU is against the float32 peak: the codec computes in float32.
+  """
+  traced = jax.jit(fn).trace(*args)
+  flops = flops_lib.of_jaxpr(traced.jaxpr)
+  lowered = traced.lower()
   start = time.perf_counter()
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  flops = float(cost.get('flops', 0.0))
   compiled(*args)  # Warm-up.
   times = [_timed(compiled, *args) for _ in range(repeats)]
   best = min(times)
+  mfu = flops_lib.mfu(flops, best, 'float32', devices=1)
   return {
     'seconds': round(best, 4),
     'median_seconds': round(float(np.median(times)), 4),
     'compile_seconds': round(compile_s, 2),
     'gflop': round(flops / 1e9, 1),
     'gflop_per_s': round(flops / best / 1e9, 1),
+    'mfu': None if mfu is None else round(mfu, 4),
   }
 
 
@@ -77,21 +84,13 @@ def official(args) -> dict:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument('--preset', default='production')
-  ap.add_argument('--seconds', type=float, default=10.0)
-  ap.add_argument('--levels', type=int, default=None)
-  ap.add_argument('--repeats', type=int, default=3)
-  ap.add_argument('--official-python', default=None)
-  ap.add_argument('--update-docs', action='store_true')
-  args = ap.parse_args()
-
-  cfg = codec_lib.get_config(args.preset)
-  levels = args.levels or cfg.quantizer.num_levels
+def run(preset: str, seconds: float, levels: int | None, repeats: int) -> dict:
+  """Encode, decode and round trip of `seconds` of random stereo audio."""
+  cfg = codec_lib.get_config(preset)
+  levels = levels or cfg.quantizer.num_levels
   params = codec_lib.init_params(cfg, jax.random.key(0))
   model = codec_lib.SpectroStream(cfg)
-  samples = int(args.seconds * cfg.sample_rate)
+  samples = int(seconds * cfg.sample_rate)
   wav = jnp.asarray(
     np.random.default_rng(0).uniform(-0.5, 0.5, (1, samples, 2)), jnp.float32
   )
@@ -108,8 +107,8 @@ def main():
   codes = jax.jit(encode)(params, wav)
   result = {
     'benchmark': 'codec_speed',
-    'preset': args.preset,
-    'audio_seconds': args.seconds,
+    'preset': preset,
+    'audio_seconds': seconds,
     'levels': levels,
     **report.environment(),
     'matmul_gflop_per_s': round(matmul_rate(), 1),
@@ -119,13 +118,27 @@ def main():
     ('decode', decode, codes),
     ('round_trip', round_trip, wav),
   ):
-    m = measure(fn, (params, x), args.repeats)
-    m['rtf'] = round(m['seconds'] / args.seconds, 4)
-    m['x_realtime'] = round(args.seconds / m['seconds'], 2)
+    m = measure(fn, (params, x), repeats)
+    m['rtf'] = round(m['seconds'] / seconds, 4)
+    m['x_realtime'] = round(seconds / m['seconds'], 2)
     m['fraction_of_matmul_rate'] = round(
       m['gflop_per_s'] / result['matmul_gflop_per_s'], 3
     )
     result[name] = m
+  return result
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument('--preset', default='production')
+  ap.add_argument('--seconds', type=float, default=10.0)
+  ap.add_argument('--levels', type=int, default=None)
+  ap.add_argument('--repeats', type=int, default=3)
+  ap.add_argument('--official-python', default=None)
+  ap.add_argument('--update-docs', action='store_true')
+  args = ap.parse_args()
+
+  result = run(args.preset, args.seconds, args.levels, args.repeats)
   if args.official_python:
     result['official'] = official(args)
     for name in ('encode', 'decode'):

@@ -69,6 +69,11 @@ def json_details(r: dict) -> list[str]:
   ]
 
 
+def percent(fraction: float | None) -> str:
+  """'12.3 %', or '–' for a figure that does not apply (MFU on a CPU)."""
+  return '–' if fraction is None else f'{100 * fraction:.1f} %'
+
+
 def machine_line(r: dict) -> str:
   """'Machine: …, date. Command: `…`.' for a result from environment()."""
   return (
@@ -105,15 +110,16 @@ def _official_rows(r: dict) -> list[str]:
 def codec_speed_markdown(r: dict) -> str:
   rows = [
     '| path | wall s | RTF | × real time | GFLOP | GFLOP/s | of matmul rate |'
-    ' compile s |',
-    '|---|---|---|---|---|---|---|---|',
+    ' MFU | compile s |',
+    '|---|---|---|---|---|---|---|---|---|',
   ]
   for name in ('encode', 'decode', 'round_trip'):
     m = r[name]
     rows.append(
       f'| {name} | {m["seconds"]} | {m["rtf"]} | {m["x_realtime"]} | '
       f'{m["gflop"]} | {m["gflop_per_s"]} | '
-      f'{100 * m["fraction_of_matmul_rate"]:.0f} % | {m["compile_seconds"]} |'
+      f'{100 * m["fraction_of_matmul_rate"]:.0f} % | '
+      f'{percent(m.get("mfu"))} | {m["compile_seconds"]} |'
     )
   return '\n'.join(
     [
@@ -129,7 +135,9 @@ def codec_speed_markdown(r: dict) -> str:
       *_official_rows(r),
       '',
       'RTF = wall time / audio duration (best of the repeats, after '
-      "compilation). FLOPs are XLA's cost analysis of the compiled call.",
+      'compilation). FLOPs are the matrix products and convolutions of '
+      'the call (`spectrostream_jax.flops`); MFU is their rate over the '
+      "device's float32 peak in `flops.PEAKS` (– on a CPU).",
       '',
       *json_details(r),
     ]

@@ -7,9 +7,9 @@ For the production experiment (gin/experiments/production_debian.gin with a
 hardware file: batch 128 × 1.32 s, i.e. 1.28 s plus the look-ahead frame)
 it prints one JSON object with:
 
-- `flops`: FLOPs of one GAN train step from XLA's cost analysis of the
-  *lowered* (unoptimised, unpartitioned) program, `jit(...).lower(...)
-  .cost_analysis()`, so a global figure for the whole batch; at batch 8,
+- `flops`: FLOPs of one GAN train step (`spectrostream_jax.flops`: the
+  matrix products and convolutions of the traced program, before
+  partitioning), so a global figure for the whole batch; at batch 8,
   16 and 128 (linearity), in bfloat16 (the hardware files' compute dtype)
   and float32; next to it the codec's forward pass alone, for a rough
   hand count (a training step is about 3× the forward FLOPs of the
@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 
 import gin
+from spectrostream_jax import flops as flops_lib
 from spectrostream_jax.models import codec as codec_lib
 from spectrostream_jax.training import sharding
 from spectrostream_jax.training import step as step_lib
@@ -64,38 +65,36 @@ GLOBAL_BATCH = 128  # The published batch (docs/training.md).
 MFUS = (0.3, 0.5)
 GiB = 2**30
 
-# Peak dense bf16 FLOP/s per chip, memory per chip, chips per host.
+# Memory per chip, chips per host, and the chip's `flops.PEAKS` entry
+# (`project` reads the dense bf16 peak and its source from there).
 HARDWARE = {
   'v5e-256': {
     'gin': 'hardware/tpu_pod.gin',
+    'device_kind': 'TPU v5 lite',
     'chips': 256,
     'chips_per_host': 8,
-    'peak_tflops': 197.0,
     'hbm_gib': 16.0,
     'host_vcpus': 224,
-    'source': 'https://cloud.google.com/tpu/docs/v5e',
     'note': 'v5e names count chips; 16x16 slice: 256 chips on 32 hosts '
     'of 8 chips (ct5lp-hightpu-8t, 224 vCPUs)',
   },
   'v5p-128': {
     'gin': 'hardware/tpu_pod.gin',
+    'device_kind': 'TPU v5p',
     'chips': 64,
     'chips_per_host': 4,
-    'peak_tflops': 459.0,
     'hbm_gib': 95e9 / GiB,
     'host_vcpus': 208,
-    'source': 'https://cloud.google.com/tpu/docs/v5p',
     'note': 'v5p names count TensorCores (2 per chip): v5p-128 is a '
     '4x4x4 cube, 64 chips on 16 hosts of 4 chips (208 vCPUs)',
   },
   '8xH100': {
     'gin': 'hardware/gpu8.gin',
+    'device_kind': 'NVIDIA H100 80GB HBM3',
     'chips': 8,
     'chips_per_host': 8,
-    'peak_tflops': 989.0,
     'hbm_gib': 80e9 / GiB,
     'host_vcpus': None,
-    'source': 'https://www.nvidia.com/en-us/data-center/h100/',
     'note': 'H100 SXM: 1979 TFLOP/s bf16 "with sparsity", half of it '
     'dense; one host of 8 GPUs',
   },
@@ -132,13 +131,8 @@ def audio_struct(batch: int, crop: int, channels: int, sharding=None):
 # FLOPs -----------------------------------------------------------------------
 
 
-def lowered_flops(fn, *args) -> float:
-  cost = fn.lower(*args).cost_analysis()
-  return float((cost[0] if isinstance(cost, list) else cost)['flops'])
-
-
 def flops(dtype: str) -> dict:
-  """Global FLOPs of one GAN step at batch 8, 16 and 128 (lowered)."""
+  """Global FLOPs of one GAN step at batch 8, 16 and 128."""
   model, data, _ = experiment('hardware/tpu_pod.gin', dtype)
   crop, channels = data.audio.crop_samples, model.codec.num_channels
   state = jax.eval_shape(functools.partial(step_lib.init_state, model), 0)
@@ -147,7 +141,7 @@ def flops(dtype: str) -> dict:
   for batch in (8, 16, GLOBAL_BATCH):
     audio = audio_struct(batch, crop, channels)
     out[f'step_gflop_b{batch}'] = round(
-      lowered_flops(step, state, audio) / 1e9, 1
+      flops_lib.count(step, state, audio) / 1e9, 1
     )
   per8, per16 = out['step_gflop_b8'] / 8, out['step_gflop_b16'] / 16
   out['gflop_per_example'] = round(out[f'step_gflop_b{GLOBAL_BATCH}'] / 128, 1)
@@ -158,7 +152,7 @@ def flops(dtype: str) -> dict:
   forward = jax.jit(lambda p, w, r: net.apply({'params': p}, w, r))
   wav = audio_struct(8, crop, channels)['audio']
   out['codec_forward_gflop_per_example'] = round(
-    lowered_flops(forward, params, wav, jax.random.key(0)) / 8e9, 1
+    flops_lib.count(forward, params, wav, jax.random.key(0)) / 8e9, 1
   )
   return out
 
@@ -192,8 +186,6 @@ def memory_case(case: dict) -> dict:
   compiled = programs.train_step.lower(state, audio).compile()
   seconds = time.perf_counter() - start
   m = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
   # The train state's bytes on one device under these shardings.
   leaves = zip(
     jax.tree.leaves(state), jax.tree.leaves(state_sharding), strict=True
@@ -219,7 +211,6 @@ def memory_case(case: dict) -> dict:
     'alias_gib': round(m.alias_size_in_bytes / GiB, 3),
     'temp_gib': round(m.temp_size_in_bytes / GiB, 3),
     'peak_gib': round(peak / GiB, 3),
-    'per_device_gflop_compiled': round(float(cost['flops']) / 1e9, 1),
   }
 
 
@@ -309,6 +300,8 @@ def project(gflop_per_example: float, per_worker: float | None) -> dict:
   """
   out = {}
   for name, hw in HARDWARE.items():
+    peak = flops_lib.peak(hw['device_kind'])
+    hw = {**hw, 'peak_tflops': peak.bfloat16 / 1e12, 'source': peak.source}
     chips = hw['chips']
     # The trainer splits the batch over every device: at least one
     # example each, so a pod wider than the batch needs a larger batch.
@@ -354,8 +347,8 @@ def markdown(r: dict) -> str:
     '',
     f'FLOPs, memory and input measured by `{r["measured_by"]}`.',
     '',
-    "FLOPs: XLA's cost analysis of the lowered GAN step (global, whole "
-    'batch, before optimisation and partitioning):',
+    'FLOPs: the matrix products and convolutions of the GAN step '
+    '(`spectrostream_jax.flops`; global, whole batch, before partitioning):',
     '',
     '| dtype | GFLOP b8 | GFLOP b16 | GFLOP b128 | GFLOP/example |'
     ' b16/b8 per example | codec forward GFLOP/example |',
@@ -376,16 +369,15 @@ def markdown(r: dict) -> str:
       'devices (GiB; peak = arguments + outputs + temporaries − aliased):',
       '',
       '| hardware file | dtype | per-device batch | mesh (data × fsdp) |'
-      ' state | arguments | temporaries | peak | compiled GFLOP/device |'
-      ' compile s |',
-      '|---|---|---|---|---|---|---|---|---|---|',
+      ' state | arguments | temporaries | peak | compile s |',
+      '|---|---|---|---|---|---|---|---|---|',
     ]
     for m in r['memory']:
       lines.append(
         f'| {m["gin"]} | {m["dtype"]} | {m["per_device_batch"]} | '
         f'{m["mesh"]["data"]} × {m["mesh"]["fsdp"]} | {m["state_gib"]} | '
         f'{m["argument_gib"]} | {m["temp_gib"]} | {m["peak_gib"]} | '
-        f'{m["per_device_gflop_compiled"]} | {m["compile_s"]} |'
+        f'{m["compile_s"]} |'
       )
   lines += [
     '',

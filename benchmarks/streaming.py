@@ -11,7 +11,10 @@ the whole-sequence encode and decode (`Codec.encode` / `Codec.decode`) of
 the audio just streamed, so that both paths see the same load from other
 jobs: their ratio is the primary figure, the absolute medians (with the
 matmul rate and the load average of the run) say how fast this host was.
-Prints JSON; `--update-docs` writes its section of docs/benchmarks.md.
+The device-only steps also give their FLOPs per frame
+(`spectrostream_jax.flops`) and, on an accelerator in `flops.PEAKS`, the
+MFU. Prints JSON; `--update-docs` writes its section of
+docs/benchmarks.md.
 """
 
 import argparse
@@ -23,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spectrostream_jax import flops as flops_lib
 from spectrostream_jax import streaming
 from spectrostream_jax.inference import Codec
 from spectrostream_jax.models import codec as codec_lib
@@ -121,7 +125,8 @@ def several_per_step(codec: Codec, wav: np.ndarray, levels: int, n: int):
 
 
 def device_steps(codec: Codec, levels: int, frames: int) -> dict:
-  """The jitted steps alone, inputs already on the device."""
+  """The jitted steps alone, inputs already on the device, and their
+  FLOPs (float32 MFU)."""
   cfg = codec.config
   weights = codec.streaming_weights
   window = jnp.zeros((1, cfg.samples_per_frame + cfg.hop_length, 2))
@@ -143,6 +148,11 @@ def device_steps(codec: Codec, levels: int, frames: int) -> dict:
       (),
     ),
   ):
+    flops = flops_lib.count(
+      lambda s, x, step=step, extra=extra: step(cfg, weights, s, x, *extra),
+      state,
+      x,
+    )
     state, *y = step(cfg, weights, state, x, *extra)
     jax.block_until_ready(y)
     times = []
@@ -152,7 +162,76 @@ def device_steps(codec: Codec, levels: int, frames: int) -> dict:
       jax.block_until_ready(y)
       times.append(1000 * (time.perf_counter() - start))
     out[name] = _stats(times)
+    out[name]['gflop'] = round(flops / 1e9, 3)
+    mfu = flops_lib.mfu(flops, min(times) / 1000, 'float32', devices=1)
+    out[name]['mfu'] = None if mfu is None else round(mfu, 5)
   return out
+
+
+def run(
+  preset: str,
+  frames: int,
+  levels: int | None,
+  rounds: int,
+  frames_per_step: list[int],
+) -> dict:
+  """Streams `frames` frames of random audio; the module docstring's JSON."""
+  cfg = codec_lib.get_config(preset)
+  levels = levels or cfg.quantizer.num_levels
+  codec = Codec.random(cfg)
+  rng = np.random.default_rng(0)
+  samples = (frames + 1) * cfg.samples_per_frame
+  wav = rng.uniform(-0.5, 0.5, (1, samples, cfg.num_channels))
+  wav = wav.astype(np.float32)
+  budget = 1000 * cfg.samples_per_frame / cfg.sample_rate
+  result = {
+    'benchmark': 'streaming',
+    'preset': preset,
+    'levels': levels,
+    'frames': frames,
+    'rounds': rounds,
+    'budget_ms': budget,
+    'target_ratio': TARGET_RATIO,
+    'target_quiet_ms': TARGET_MS,
+    **report.environment(),
+    'load_before': _load(),
+    'matmul_gflop_per_s_before': round(matmul_rate(), 1),
+  }
+  ms = interleaved(codec, wav, levels, rounds)
+  for name in ('encode', 'decode'):
+    whole = float(np.median(ms[f'whole_{name}']))
+    s = _stats(ms[name])
+    s['frames_over_budget'] = int(np.sum(np.asarray(ms[name]) > budget))
+    s['whole_sequence_ms_per_frame'] = round(whole, 2)
+    s['ratio'] = round(s['median_ms'] / whole, 2)
+    s['meets_ratio'] = s['ratio'] <= TARGET_RATIO[name]
+    s['meets_quiet_ms'] = s['median_ms'] <= TARGET_MS[name]
+    result[name] = s
+  total = np.asarray(ms['encode']) + np.asarray(ms['decode'])
+  result['encode_plus_decode'] = _stats(total)
+  result['encode_plus_decode']['frames_over_budget'] = int(
+    np.sum(total > budget)
+  )
+  result['frames_per_step'] = {}
+  for n in frames_per_step:
+    several = several_per_step(codec, wav, levels, n)
+    row = {'latency_ms': (2 * n + cfg.lookahead) * budget}
+    for name in ('encode', 'decode'):
+      median = float(np.median(several[name]))
+      row[f'{name}_median_ms'] = round(median, 2)
+      row[f'{name}_ratio'] = round(
+        median / result[name]['whole_sequence_ms_per_frame'], 2
+      )
+    result['frames_per_step'][str(n)] = row
+  result['device_step'] = device_steps(codec, levels, frames)
+  result['latency'] = {
+    'encoder_frames': 1,
+    'decoder_frames': cfg.lookahead,
+    'end_to_end_ms': (2 + cfg.lookahead) * budget,
+  }
+  result['matmul_gflop_per_s_after'] = round(matmul_rate(), 1)
+  result['load_after'] = _load()
+  return result
 
 
 def main():
@@ -176,61 +255,9 @@ def main():
   ap.add_argument('--update-docs', action='store_true')
   args = ap.parse_args()
 
-  cfg = codec_lib.get_config(args.preset)
-  levels = args.levels or cfg.quantizer.num_levels
-  codec = Codec.random(cfg)
-  rng = np.random.default_rng(0)
-  samples = (args.frames + 1) * cfg.samples_per_frame
-  wav = rng.uniform(-0.5, 0.5, (1, samples, cfg.num_channels))
-  wav = wav.astype(np.float32)
-  budget = 1000 * cfg.samples_per_frame / cfg.sample_rate
-  result = {
-    'benchmark': 'streaming',
-    'preset': args.preset,
-    'levels': levels,
-    'frames': args.frames,
-    'rounds': args.rounds,
-    'budget_ms': budget,
-    'target_ratio': TARGET_RATIO,
-    'target_quiet_ms': TARGET_MS,
-    **report.environment(),
-    'load_before': _load(),
-    'matmul_gflop_per_s_before': round(matmul_rate(), 1),
-  }
-  ms = interleaved(codec, wav, levels, args.rounds)
-  for name in ('encode', 'decode'):
-    whole = float(np.median(ms[f'whole_{name}']))
-    s = _stats(ms[name])
-    s['frames_over_budget'] = int(np.sum(np.asarray(ms[name]) > budget))
-    s['whole_sequence_ms_per_frame'] = round(whole, 2)
-    s['ratio'] = round(s['median_ms'] / whole, 2)
-    s['meets_ratio'] = s['ratio'] <= TARGET_RATIO[name]
-    s['meets_quiet_ms'] = s['median_ms'] <= TARGET_MS[name]
-    result[name] = s
-  total = np.asarray(ms['encode']) + np.asarray(ms['decode'])
-  result['encode_plus_decode'] = _stats(total)
-  result['encode_plus_decode']['frames_over_budget'] = int(
-    np.sum(total > budget)
+  result = run(
+    args.preset, args.frames, args.levels, args.rounds, args.frames_per_step
   )
-  result['frames_per_step'] = {}
-  for n in args.frames_per_step:
-    several = several_per_step(codec, wav, levels, n)
-    row = {'latency_ms': (2 * n + cfg.lookahead) * budget}
-    for name in ('encode', 'decode'):
-      median = float(np.median(several[name]))
-      row[f'{name}_median_ms'] = round(median, 2)
-      row[f'{name}_ratio'] = round(
-        median / result[name]['whole_sequence_ms_per_frame'], 2
-      )
-    result['frames_per_step'][str(n)] = row
-  result['device_step'] = device_steps(codec, levels, args.frames)
-  result['latency'] = {
-    'encoder_frames': 1,
-    'decoder_frames': cfg.lookahead,
-    'end_to_end_ms': (2 + cfg.lookahead) * budget,
-  }
-  result['matmul_gflop_per_s_after'] = round(matmul_rate(), 1)
-  result['load_after'] = _load()
   print(json.dumps(result, indent=1))
   if args.update_docs:
     report.update_section('streaming', result, markdown)
@@ -281,7 +308,8 @@ def markdown(r: dict) -> str:
     'Device-only step (jitted call '
     f'on device inputs, no host work): encode '
     f'{r["device_step"]["encode"]["median_ms"]} ms, decode '
-    f'{r["device_step"]["decode"]["median_ms"]} ms (medians). Latency: the '
+    f'{r["device_step"]["decode"]["median_ms"]} ms (medians), '
+    f'{_flops_words(r["device_step"])}. Latency: the '
     'encoder emits frame k − 1 after frame k, the decoder lags '
     f'{r["latency"]["decoder_frames"]} frame(s): '
     f'{r["latency"]["end_to_end_ms"]:g} ms end to end with the frame '
@@ -293,6 +321,15 @@ def markdown(r: dict) -> str:
     *report.json_details(r),
   ]
   return '\n'.join(lines)
+
+
+def _flops_words(steps: dict) -> str:
+  """FLOPs per frame of the two device steps, with their MFU if known."""
+  e, d = steps['encode'], steps['decode']
+  words = f'{e.get("gflop")} and {d.get("gflop")} GFLOP per frame'
+  if e.get('mfu') is not None:
+    words += f' (MFU {report.percent(e["mfu"])} and {report.percent(d["mfu"])})'
+  return words
 
 
 def _several_lines(r: dict) -> list[str]:
