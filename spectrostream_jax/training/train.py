@@ -54,6 +54,7 @@ import gin
 from spectrostream_jax import commands
 from spectrostream_jax import compile_cache
 from spectrostream_jax import files
+from spectrostream_jax import flops
 from spectrostream_jax.data import pipeline
 from spectrostream_jax.models import quantizer as rvq
 from spectrostream_jax.training import checkpoint as checkpoint_lib
@@ -280,18 +281,18 @@ def train(
         (abstract.ema_params, _shape(held_out[0])) if eval_every else None
       ),
     }
-    compiled, compile_seconds = compile_programs(programs, todo)
+    result = compile_programs(programs, todo)
+    compiled = result.programs
     for name, program in compiled.items():
       check_collective_order(program, f'the program {name}')
     check_fits(compiled, data.batch_size // device_mesh.size)
-    train_step = compiled['train_step']
-    memory = train_step.memory_analysis()
-    cost = train_step.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
+    memory = compiled['train_step'].memory_analysis()
     logging.info(
-      'step: %.3g GFLOP; per device: arguments %.1f MiB, outputs %.1f MiB, '
-      'temporaries %.1f MiB',
-      float(cost.get('flops', 0.0)) / 1e9,
+      'GAN step: %.4g GFLOP over %d devices (convolutions and products); '
+      'per device: arguments %.1f MiB, outputs %.1f MiB, temporaries '
+      '%.1f MiB',
+      result.flops['train_step'] / 1e9,
+      device_mesh.size,
       memory.argument_size_in_bytes / 2**20,
       memory.output_size_in_bytes / 2**20,
       memory.temp_size_in_bytes / 2**20,
@@ -308,7 +309,7 @@ def train(
     writer = train_logging.Writer(os.path.join(workdir, 'tensorboard'))
     writer.scalars(
       first_step,
-      {f'perf/compile_seconds/{k}': v for k, v in compile_seconds.items()},
+      {f'perf/compile_seconds/{k}': v for k, v in result.seconds.items()},
     )
     progress = train_logging.Progress(first_step, num_steps)
     skips = collections.Counter()
@@ -331,8 +332,8 @@ def train(
       if logging_step and log_grad_norms:
         norms = 'warmup_norms' if warmup else 'gradient_norms'
         grad_norms = compiled[norms](state, batch)
-      update = compiled['warmup_step' if warmup else 'train_step']
-      state, metrics = update(state, batch)
+      update_name = 'warmup_step' if warmup else 'train_step'
+      state, metrics = compiled[update_name](state, batch)
       progress.update(step)
 
       if logging_step:
@@ -345,6 +346,9 @@ def train(
         )
         metrics['perf/steps_per_second'] = rate
         metrics['perf/audio_seconds_per_second'] = rate * audio_seconds
+        metrics.update(
+          _utilisation(result.flops[update_name], rate, codec.dtype)
+        )
         metrics.update({f'data/skips/{r}': float(n) for r, n in skips.items()})
         if metrics['train/skipped'] > skipped:
           skipped = int(metrics['train/skipped'])
@@ -581,23 +585,32 @@ def _shape(batch: dict[str, jax.Array]) -> dict[str, jax.ShapeDtypeStruct]:
   }
 
 
+class Compiled(NamedTuple):
+  """A run's compiled programs, by name, with what they cost."""
+
+  programs: dict[str, Any]
+  seconds: dict[str, float]  # Compile time of each.
+  flops: dict[str, float]  # Global FLOPs of one call (`flops.of_jaxpr`).
+
+
 def compile_programs(
   programs: Programs, todo: dict[str, tuple[Any, ...] | None]
-) -> tuple[dict[str, Any], dict[str, float]]:
+) -> Compiled:
   """Compiles the programs a run needs, given their abstract arguments.
 
   Ahead of the first step, so that each one's compile time is logged and
   a step that cannot fit is refused before it runs (`check_fits`); in
   parallel threads (XLA compiles one program on about one core), after
   tracing them one by one. With the persistent cache (`compile_cache`)
-  a warm start loads them instead. Returns the executables and the
-  seconds each took, by name.
+  a warm start loads them instead. The FLOPs come from the traced
+  jaxprs, so they count the convolutions on every backend (`flops`).
   """
-  lowered = {
-    name: getattr(programs, name).lower(*args)
+  traced = {
+    name: getattr(programs, name).trace(*args)
     for name, args in todo.items()
     if args is not None
   }
+  lowered = {name: t.lower() for name, t in traced.items()}
 
   def compile_one(name):
     start = time.perf_counter()
@@ -616,10 +629,21 @@ def compile_programs(
     time.perf_counter() - start,
     workers,
   )
-  return (
+  return Compiled(
     {name: program for name, (program, _) in done.items()},
     {name: seconds for name, (_, seconds) in done.items()},
+    {name: flops.of_jaxpr(t.jaxpr) for name, t in traced.items()},
   )
+
+
+def _utilisation(step_flops: float, rate: float, dtype: str) -> dict:
+  """TFLOP/s of the steps, and MFU on a chip in `flops.PEAKS`."""
+  out = {'perf/tflops_per_second': step_flops * rate / 1e12}
+  if rate > 0:
+    mfu = flops.mfu(step_flops, 1 / rate, dtype)
+    if mfu is not None:
+      out['perf/mfu'] = mfu
+  return out
 
 
 class DoesNotFitError(ValueError):
