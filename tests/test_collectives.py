@@ -25,8 +25,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
+from spectrostream_jax import losses
+from spectrostream_jax import signal
 from spectrostream_jax.models import codec
 from spectrostream_jax.models import discriminator
 from spectrostream_jax.training import sharding
@@ -135,3 +138,36 @@ def test_batch_collectives_reads_result_types():
     'all-reduce f32[7,7,24]',
     'all-gather c64[24,4]',
   ]
+
+
+def test_per_device_transforms_give_the_same_numbers():
+  """The shard-local transforms compute what the whole-batch ones do."""
+  split = sharding.batch_sharding(sharding.make_mesh(DATA_ONLY))
+  rng = np.random.default_rng(0)
+  ref, rec = (
+    jax.device_put(rng.uniform(-0.5, 0.5, (8, CROP, 2)), split)
+    for _ in range(2)
+  )
+  disc_params = discriminator.init_params(
+    MODEL.discriminator, jax.random.key(0)
+  )
+
+  def transforms(ref, rec, batch_sharding):
+    features = codec.stft_features(ref, MODEL.codec, batch_sharding)
+    disc = discriminator.MultiScaleSTFTDiscriminator(
+      MODEL.discriminator, batch_sharding
+    )
+    return (
+      features,
+      signal.per_device(signal.istft, batch_sharding)(features),
+      disc.apply({'params': disc_params}, rec),
+      losses.reconstruction_losses(MODEL.loss, ref, rec, batch_sharding),
+      losses.mel_distance(ref, rec, MODEL.loss.mel, batch_sharding),
+    )
+
+  whole = jax.jit(functools.partial(transforms, batch_sharding=None))
+  local = jax.jit(functools.partial(transforms, batch_sharding=split))
+  expected, got = whole(ref, rec), local(ref, rec)
+  assert got[0].sharding.is_equivalent_to(split, 4)
+  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got), strict=True):
+    np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
