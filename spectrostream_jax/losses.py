@@ -9,11 +9,14 @@ adversarial term averaged over the discriminator scales; plus the RVQ
 commitment. docs/training.md ("The recipe") says why and with which
 weights. Reconstructions are shorter than their input (the decoder
 look-ahead drops one frame), and their first STFT hop cannot be
-reconstructed: `trim` cuts both before any loss.
+reconstructed: `trim` cuts both before any loss. With a batch split over
+devices (`batch_sharding`), every spectrum is computed by the device that
+holds its example (`signal.per_device`).
 """
 
 from collections.abc import Sequence
 import dataclasses
+import functools
 import math
 
 import jax
@@ -23,6 +26,9 @@ import numpy as np
 from spectrostream_jax import signal
 from spectrostream_jax.models import discriminator
 from spectrostream_jax.models import quantizer as rvq
+
+# How a batch is split over devices; None: not split.
+BatchSharding = jax.sharding.NamedSharding | None
 
 MEL_FORMS = ('log', 'soundstream')
 # Generator terms that act on the reconstruction x̂, in a fixed order (the
@@ -182,6 +188,7 @@ def _mel_pair(
   window: int,
   hop: int,
   num_mels: int,
+  batch_sharding: BatchSharding = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Mel magnitudes [B, C, frames, mels] of both signals in one pass.
 
@@ -191,14 +198,21 @@ def _mel_pair(
   both = jnp.concatenate(
     [wav.astype(jnp.float32), reconstruction.astype(jnp.float32)], axis=-1
   )
-  mel = signal.mel_spectrogram(both, sample_rate, window, hop, num_mels)
-  return jnp.split(mel, 2, axis=1)
+  mel = functools.partial(
+    signal.mel_spectrogram,
+    sample_rate=sample_rate,
+    window=window,
+    hop=hop,
+    num_mels=num_mels,
+  )
+  return jnp.split(signal.per_device(mel, batch_sharding)(both), 2, axis=1)
 
 
 def multiscale_mel_loss(
   wav: jax.Array,
   reconstruction: jax.Array,
   mel: MelConfig = MelConfig(),
+  batch_sharding: BatchSharding = None,
 ) -> jax.Array:
   """SoundStream's reconstruction loss, summed over the window sizes w.
 
@@ -223,6 +237,7 @@ def multiscale_mel_loss(
       window,
       window // mel.hops_per_window,
       mel.num_mels,
+      batch_sharding,
     )
     linear = jnp.mean(jnp.sum(jnp.abs(s - s_hat), axis=-1))
     log_diff = jnp.log(s + mel.log_eps) - jnp.log(s_hat + mel.log_eps)
@@ -248,6 +263,7 @@ def log_mel_loss(
   wav: jax.Array,
   reconstruction: jax.Array,
   mel: MelConfig = MelConfig(),
+  batch_sharding: BatchSharding = None,
 ) -> jax.Array:
   """Mean |log10(S + eps) − log10(Ŝ + eps)| over bins, frames and scales.
 
@@ -262,9 +278,12 @@ def log_mel_loss(
   per_scale = []
   for window in mel.windows:
     fb, scale = _amplitude_filterbank(mel.num_mels, window, mel.sample_rate)
-    mag = signal.magnitude_spectrogram(
-      both, window, window // mel.hops_per_window
+    magnitude = functools.partial(
+      signal.magnitude_spectrogram,
+      window=window,
+      hop=window // mel.hops_per_window,
     )
+    mag = signal.per_device(magnitude, batch_sharding)(both)
     spec = (mag * scale) @ jnp.asarray(fb)
     s, s_hat = jnp.split(spec, 2, axis=1)
     diff = jnp.log10(s + mel.log_eps) - jnp.log10(s_hat + mel.log_eps)
@@ -278,6 +297,7 @@ def phase_loss(
   windows: Sequence[int] = (256, 512, 1024, 2048),
   hops_per_window: int = 4,
   softness: float = 0.1,
+  batch_sharding: BatchSharding = None,
 ) -> jax.Array:
   """Multi-resolution phase error, weighted by the reference's magnitude.
 
@@ -296,14 +316,10 @@ def phase_loss(
   )
   per_scale = []
   for window in windows:
-    x = jnp.moveaxis(both, -1, 1)
-    pad = window // 2
-    x = jnp.pad(x, ((0, 0), (0, 0), (pad, pad)), mode='reflect')
-    hop = window // hops_per_window
-    n = 1 + (x.shape[-1] - window) // hop
-    frames = signal.frame(x, window, hop)[..., :n, :]
-    frames = frames * jnp.asarray(signal.hann_window(window), jnp.float32)
-    spec = jnp.fft.rfft(frames, axis=-1)
+    spectrum = functools.partial(
+      _centred_spectrum, window=window, hop=window // hops_per_window
+    )
+    spec = signal.per_device(spectrum, batch_sharding)(both)
     ref, rec = jnp.split(spec, 2, axis=1)
     ref_mag = jnp.abs(ref)
     level = jnp.mean(ref_mag, axis=(1, 2, 3), keepdims=True)
@@ -318,6 +334,17 @@ def phase_loss(
     den = jnp.sum(ref_mag, axis=(1, 2, 3))
     per_scale.append(jnp.mean(num / (den + 1e-12)))
   return jnp.mean(jnp.stack(per_scale))
+
+
+def _centred_spectrum(wav: jax.Array, window: int, hop: int) -> jax.Array:
+  """Complex STFT [B, C, frames, window // 2 + 1] of [B, T, C], centred."""
+  x = jnp.moveaxis(wav, -1, 1)
+  pad = window // 2
+  x = jnp.pad(x, ((0, 0), (0, 0), (pad, pad)), mode='reflect')
+  n = 1 + (x.shape[-1] - window) // hop
+  frames = signal.frame(x, window, hop)[..., :n, :]
+  frames = frames * jnp.asarray(signal.hann_window(window), jnp.float32)
+  return jnp.fft.rfft(frames, axis=-1)
 
 
 def waveform_loss(wav: jax.Array, reconstruction: jax.Array) -> jax.Array:
@@ -347,18 +374,25 @@ def trim(
 
 
 def reconstruction_losses(
-  config: LossConfig, ref: jax.Array, rec: jax.Array
+  config: LossConfig,
+  ref: jax.Array,
+  rec: jax.Array,
+  batch_sharding: BatchSharding = None,
 ) -> dict[str, jax.Array]:
   """The terms that compare x̂ with x directly (unweighted): mel, and the
   STFT and waveform terms when their weight is not 0."""
   if config.mel_form == 'log':
-    mel = log_mel_loss(ref, rec, config.mel)
+    mel = log_mel_loss(ref, rec, config.mel, batch_sharding)
   else:
-    mel = multiscale_mel_loss(ref, rec, config.mel)
+    mel = multiscale_mel_loss(ref, rec, config.mel, batch_sharding)
   terms = {'mel': mel}
   if config.phase_weight:
     terms['phase'] = phase_loss(
-      ref, rec, config.phase_windows, config.phase_hops_per_window
+      ref,
+      rec,
+      config.phase_windows,
+      config.phase_hops_per_window,
+      batch_sharding=batch_sharding,
     )
   if config.wav_weight:
     terms['wav'] = waveform_loss(ref, rec)
@@ -388,6 +422,7 @@ def generator_losses(
   real: Sequence[discriminator.DiscriminatorOutput] | None,
   fake: Sequence[discriminator.DiscriminatorOutput] | None,
   quantizer: rvq.QuantizerOutput | None = None,
+  batch_sharding: BatchSharding = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The codec's total loss and its parts.
 
@@ -399,13 +434,14 @@ def generator_losses(
       (with `fake`) leaves the adversarial terms out (warm-up).
     fake: discriminator outputs on `reconstruction`.
     quantizer: the RVQ's training output; omit for a model without RVQ.
+    batch_sharding: how the batch is split over devices, if it is.
 
   Returns:
     (total, metrics): metrics `g/<term>` (unweighted, for each term that
     was computed), `g/total` and, with a quantizer, `vq/commit` and
     `vq/codebook` (sums over levels).
   """
-  terms = reconstruction_losses(config, ref, reconstruction)
+  terms = reconstruction_losses(config, ref, reconstruction, batch_sharding)
   if fake is not None:
     terms.update(adversarial_losses(config, real, fake))
   weights = config.weights()
@@ -472,6 +508,7 @@ def mel_distance(
   reference: jax.Array,
   estimate: jax.Array,
   mel: MelConfig = MelConfig(),
+  batch_sharding: BatchSharding = None,
 ) -> jax.Array:
   """Mean |log10(S + eps) − log10(Ŝ + eps)| over scales and bins, per example.
 
@@ -488,6 +525,7 @@ def mel_distance(
       window,
       window // mel.hops_per_window,
       mel.num_mels,
+      batch_sharding,
     )
     diff = jnp.abs(jnp.log10(s + mel.log_eps) - jnp.log10(s_hat + mel.log_eps))
     # Small windows leave some mel filters without an FFT bin; skip them.

@@ -3,11 +3,14 @@
 The analysis is causal at frame level: frame t covers samples
 [hop·t, hop·t + frame) and the signal is zero-padded at the end only, so
 analysis followed by synthesis has no time shift. Everything here is pure
-`jnp` and works under `jit` on any backend.
+`jnp` and works under `jit` on any backend; `per_device` runs a transform
+of a batch split over devices on each device's own examples.
 """
 
+from collections.abc import Callable
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +34,24 @@ def synthesis_window(frame_length: int, hop_length: int) -> np.ndarray:
     valid = (idx >= 0) & (idx < frame_length)
     denom[valid] += w[idx[valid]] ** 2
   return w / denom
+
+
+def per_device(
+  fn: Callable[..., Any], batch: jax.sharding.NamedSharding | None
+) -> Callable[..., Any]:
+  """`fn` run by each device on its own examples of a split batch.
+
+  XLA's partitioner does not split an FFT: on a batch split over devices
+  it gathers the whole batch and every device transforms all of it.
+  Under `shard_map` each device transforms only its rows. `batch` is the
+  sharding of the batch (axis 0 of every argument and result of `fn`);
+  None, or a batch that is not split, returns `fn` itself.
+  """
+  if batch is None or batch.is_fully_replicated:
+    return fn
+  return jax.shard_map(
+    fn, mesh=batch.mesh, in_specs=batch.spec, out_specs=batch.spec
+  )
 
 
 def num_frames(num_samples: int, hop_length: int = 480) -> int:

@@ -188,10 +188,21 @@ def match_channels(wav: jax.Array, channels: int) -> jax.Array:
   return jnp.repeat(wav, channels, axis=-1)
 
 
-def stft_features(wav: jax.Array, config: CodecConfig) -> jax.Array:
-  """Waveform [B, T, C] -> encoder input [B, ceil(T/hop), bins, 2C]."""
+def stft_features(
+  wav: jax.Array,
+  config: CodecConfig,
+  batch_sharding: jax.sharding.NamedSharding | None = None,
+) -> jax.Array:
+  """Waveform [B, T, C] -> encoder input [B, ceil(T/hop), bins, 2C].
+
+  `batch_sharding`: how the batch is split over devices; each device
+  then transforms only its own examples (`signal.per_device`).
+  """
   wav = match_channels(wav.astype(jnp.float32), config.num_channels)
-  return signal.stft(wav, config.frame_length, config.hop_length)
+  stft = functools.partial(
+    signal.stft, frame_length=config.frame_length, hop_length=config.hop_length
+  )
+  return signal.per_device(stft, batch_sharding)(wav)
 
 
 class ResidualMLP(nn.Module):
@@ -381,6 +392,9 @@ class SpectroStream(nn.Module):
   config: CodecConfig
   # Chunk-by-chunk mode of `encoder` and `decoder`; see streaming.py.
   streaming: bool = False
+  # How a batch is split over devices: each device then runs the STFT and
+  # inverse STFT of its own examples only (`signal.per_device`).
+  batch_sharding: jax.sharding.NamedSharding | None = None
 
   def setup(self):
     self.encoder = Encoder(self.config, self.streaming)
@@ -388,7 +402,7 @@ class SpectroStream(nn.Module):
     self.quantizer = rvq.ResidualVectorQuantizer(self.config.quantizer)
 
   def features(self, wav: jax.Array) -> jax.Array:
-    return stft_features(wav, self.config)
+    return stft_features(wav, self.config, self.batch_sharding)
 
   def embed(self, wav: jax.Array) -> jax.Array:
     """Waveform [B, T, C] -> embeddings [B, N, D]; N = ceil(T / 1920)."""
@@ -409,7 +423,10 @@ class SpectroStream(nn.Module):
   def decode_embeddings(self, emb: jax.Array) -> jax.Array:
     """Embeddings [B, N, D] -> waveform [B, (N - lookahead)·1920, C]."""
     c = self.config
-    return signal.istft(self.decoder(emb), c.frame_length, c.hop_length)
+    istft = functools.partial(
+      signal.istft, frame_length=c.frame_length, hop_length=c.hop_length
+    )
+    return signal.per_device(istft, self.batch_sharding)(self.decoder(emb))
 
   def decode(self, codes: jax.Array) -> jax.Array:
     return self.decode_embeddings(self.dequantize(codes))

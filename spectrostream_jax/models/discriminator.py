@@ -138,12 +138,17 @@ class STFTDiscriminator(nn.Module):
 
   config: DiscriminatorConfig
   window: int
+  # How a batch is split over devices (`MultiScaleSTFTDiscriminator`).
+  batch_sharding: jax.sharding.NamedSharding | None = None
 
   @nn.compact
   def __call__(self, wav: jax.Array) -> DiscriminatorOutput:
     c = self.config
     dtype = jnp.dtype(c.dtype)
-    x = stft_features(wav, self.window, self.window // c.hops_per_window)
+    features = functools.partial(
+      stft_features, window=self.window, hop=self.window // c.hops_per_window
+    )
+    x = signal.per_device(features, self.batch_sharding)(wav)
     x = nn.Conv(
       c.base_channels,
       layers.resample_kernel(c.stem_stride),
@@ -176,6 +181,9 @@ class MultiScaleSTFTDiscriminator(nn.Module):
   """All scales of `config.windows`; one `DiscriminatorOutput` per scale."""
 
   config: DiscriminatorConfig
+  # How a batch is split over devices: each device then computes the
+  # spectra of its own examples only (`signal.per_device`).
+  batch_sharding: jax.sharding.NamedSharding | None = None
 
   @nn.compact
   def __call__(self, wav: jax.Array) -> list[DiscriminatorOutput]:
@@ -183,10 +191,11 @@ class MultiScaleSTFTDiscriminator(nn.Module):
       raise ValueError(
         f'expected [B, T, {self.config.num_channels}] audio, got {wav.shape}'
       )
-    return [
-      STFTDiscriminator(self.config, w, name=f'stft_{w}')(wav)
+    scales = [
+      STFTDiscriminator(self.config, w, self.batch_sharding, name=f'stft_{w}')
       for w in self.config.windows
     ]
+    return [scale(wav) for scale in scales]
 
 
 def init_params(config: DiscriminatorConfig, rng: jax.Array) -> dict:

@@ -130,6 +130,7 @@ _COLLECTIVE = re.compile(
   r'collective-permute|collective-broadcast|reduce-scatter)(-start)?\('
 )
 _COMPUTATION = re.compile(r'^(ENTRY )?%?([^\s(]+) .*\{\s*$')
+_TYPE = re.compile(r'\b(?:pred|[a-z]+[0-9]+)\[([0-9,]*)\]')
 
 
 def nested_collectives(hlo_text: str) -> list[str]:
@@ -150,4 +151,25 @@ def nested_collectives(hlo_text: str) -> list[str]:
     match = _COLLECTIVE.search(line)
     if match and computation is not None and not entry:
       found.append(f'{computation}: {match.group(1)}')
+  return found
+
+
+def batch_collectives(hlo_text: str, batch: int) -> list[str]:
+  """Collectives of a compiled module that move a whole batch's tensors.
+
+  `hlo_text` is `compiled.as_text()` of a program whose batch, split over
+  the devices, has `batch` examples in all. A collective whose result
+  has an axis of that size gathers (or reduces) every device's examples:
+  each device then computes on the whole batch, and data parallelism
+  stops scaling. Choose `batch` so that no other axis of the program has
+  that size. Returns 'op type' for each, e.g. 'all-gather f32[24,4,16]'.
+  """
+  found = []
+  for line in hlo_text.splitlines():
+    match = _COLLECTIVE.search(line)
+    if not match:
+      continue
+    for result in _TYPE.finditer(line[: match.start()]):
+      if str(batch) in result.group(1).split(','):
+        found.append(f'{match.group(1)} {result.group(0)}')
   return found

@@ -31,7 +31,11 @@ In every step, if any loss or gradient is not finite, nothing but the step
 counter changes and `skipped` counts it. `gradient_norms` measures what
 each generator term contributes to the gradient at x̂ (a diagnostic the
 trainer logs). The key is `fold_in(state.rng, state.step)`, so a step's
-randomness depends only on the run's seed and the step number.
+randomness depends only on the run's seed and the step number. With a
+`mesh`, the batch is split over its `sharding.BATCH_AXES` and every STFT,
+inverse STFT and spectral loss runs on the device that holds the example
+(`signal.per_device`): XLA would otherwise gather the whole batch for
+each FFT on every device.
 """
 
 from collections.abc import Sequence
@@ -148,6 +152,24 @@ def init_state(
   )
 
 
+def split_batch(
+  mesh: jax.sharding.Mesh | None,
+) -> jax.sharding.NamedSharding | None:
+  """The batch's sharding over `mesh`, for the shard-local transforms."""
+  return None if mesh is None else sharding.batch_sharding(mesh)
+
+
+def split_like_batch(x, mesh: jax.sharding.Mesh | None):
+  """x split over `mesh` by example like the batch (a no-op without one).
+
+  Left free, the warm-up's embeddings lead XLA to compute the decoder's
+  first weight gradients from the whole batch, gathered on every device.
+  """
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, sharding.batch_sharding(mesh))
+
+
 def replicate(x, mesh: jax.sharding.Mesh | None):
   """The arrays of x on every device of `mesh` (a no-op without one).
 
@@ -173,7 +195,9 @@ def init_codebooks(
   rows)` embeddings; the EMA counts are in assignments per step of this
   batch's size. Live and EMA parameters get the same codebooks.
   """
-  codec = codec_lib.SpectroStream(config.codec)
+  codec = codec_lib.SpectroStream(
+    config.codec, batch_sharding=split_batch(mesh)
+  )
   qc = config.codec.quantizer
   emb = codec.apply(
     {'params': state.params}, batch['audio'], method=codec.embed
@@ -209,24 +233,25 @@ def init_codebooks(
 
 
 def term_cotangents(
-  loss: losses.LossConfig, ref, rec, real, fake, to_rec
+  loss: losses.LossConfig, ref, rec, real, fake, to_rec, batch_sharding=None
 ) -> dict[str, jax.Array]:
   """Each weighted generator term's gradient at x̂, {term: [B, T, C]}.
 
   `fake` None: the reconstruction terms only. The discriminator terms go
-  back to x̂ through `to_rec` (the VJP of the pass on x̂ w.r.t. its input),
-  batched over the terms.
+  back to x̂ through `to_rec` (the VJP of the pass on x̂ w.r.t. its input)
+  one at a time: vmapped, the convolutions fold the terms into the batch
+  axis, which XLA can only do to a batch split over devices by gathering
+  it. `batch_sharding`: see `losses.generator_losses`.
   """
   weights = loss.weights()
-  recon = losses.reconstruction_losses(loss, ref, rec)
+
+  def recon(r):
+    return losses.reconstruction_losses(loss, ref, r, batch_sharding)
+
   out = {}
-  for name in recon:
+  for name in recon(rec):
     if weights[name]:
-      out[name] = jax.grad(
-        lambda r, n=name: (
-          weights[n] * losses.reconstruction_losses(loss, ref, r)[n]
-        )
-      )(rec)
+      out[name] = jax.grad(lambda r, n=name: weights[n] * recon(r)[n])(rec)
   if fake is None:
     return out
   names = [n for n in ('feat', 'adv') if weights[n]]
@@ -235,10 +260,8 @@ def term_cotangents(
     def term(fake, name):
       return weights[name] * losses.adversarial_losses(loss, real, fake)[name]
 
-    cts = [jax.grad(functools.partial(term, name=n))(fake) for n in names]
-    stacked = jax.tree.map(lambda *x: jnp.stack(x), *cts)
-    at_rec = jax.vmap(to_rec)(stacked)
-    out.update(zip(names, at_rec, strict=True))
+    for name in names:
+      out[name] = to_rec(jax.grad(functools.partial(term, name=name))(fake))
   return out
 
 
@@ -300,8 +323,9 @@ def train_step(
   level loop then runs per device (see `quantizer.quantize_for_training`).
   `warmup`: the reconstruction-only step of the module docstring.
   """
-  codec = codec_lib.SpectroStream(config.codec)
-  disc = disc_lib.MultiScaleSTFTDiscriminator(config.discriminator)
+  split = split_batch(mesh)
+  codec = codec_lib.SpectroStream(config.codec, batch_sharding=split)
+  disc = disc_lib.MultiScaleSTFTDiscriminator(config.discriminator, split)
   tx, disc_tx = optimizers(config)
   loss, qc = config.loss, config.codec.quantizer
   wav = batch['audio']
@@ -317,7 +341,7 @@ def train_step(
     emb = codec.apply(variables, wav, method=codec.embed)
     if warmup:
       q = None
-      decoder_input = emb
+      decoder_input = split_like_batch(emb, mesh)
       zeros = jnp.zeros((qc.num_levels,))
       vq_losses = (zeros, zeros)
     else:
@@ -339,8 +363,10 @@ def train_step(
   disc_params, disc_opt_state = state.disc_params, state.disc_opt_state
   balance = state.balance
   if warmup:
-    g_metrics = losses.generator_losses(loss, ref, rec, None, None)[1]
-    cts = term_cotangents(loss, ref, rec, None, None, None)
+    g_metrics = losses.generator_losses(
+      loss, ref, rec, None, None, batch_sharding=split
+    )[1]
+    cts = term_cotangents(loss, ref, rec, None, None, None, split)
     ct_rec = sum(cts.values())
     ct_vq = (jnp.zeros_like(commitment), jnp.zeros_like(codebook_loss))
     metrics.update(_grad_metrics(cts))
@@ -355,12 +381,12 @@ def train_step(
 
     def generator_loss(fake, rec, commitment, codebook_loss):
       out = q.replace(commitment=commitment, codebook_loss=codebook_loss)
-      return losses.generator_losses(loss, ref, rec, real, fake, out)
+      return losses.generator_losses(loss, ref, rec, real, fake, out, split)
 
     if loss.balancer:
       g_metrics = generator_loss(fake, rec, commitment, codebook_loss)[1]
       cts = term_cotangents(
-        loss, ref, rec, real, fake, lambda ct: fake_vjp(ct)[1]
+        loss, ref, rec, real, fake, lambda ct: fake_vjp(ct)[1], split
       )
       ct_rec, balance = _balanced(loss, cts, state.balance)
       metrics.update(_grad_metrics(cts))
@@ -507,8 +533,9 @@ def gradient_norms(
   batch, `g/grad/total`: the norm of their sum, and `g/share/<term>`:
   each norm over the sum of the norms. Read with docs/training.md.
   """
-  codec = codec_lib.SpectroStream(config.codec)
-  disc = disc_lib.MultiScaleSTFTDiscriminator(config.discriminator)
+  split = split_batch(mesh)
+  codec = codec_lib.SpectroStream(config.codec, batch_sharding=split)
+  disc = disc_lib.MultiScaleSTFTDiscriminator(config.discriminator, split)
   loss, qc = config.loss, config.codec.quantizer
   wav = batch['audio']
   rng_quantizer = jax.random.split(jax.random.fold_in(state.key(), state.step))[
@@ -536,7 +563,7 @@ def gradient_norms(
     def to_rec(ct):
       return fake_vjp(ct)[0]
 
-  cts = term_cotangents(loss, ref, rec, real, fake, to_rec)
+  cts = term_cotangents(loss, ref, rec, real, fake, to_rec, split)
   metrics = _grad_metrics(cts)
   total = sum(metrics[f'g/grad/{name}'] for name in cts)
   for name in cts:
@@ -571,7 +598,8 @@ def evaluate(
   ({'mel_distance/<n>': [B], 'si_sdr/<n>': [B]}, reconstructions
   [len(levels), B, T', C], code counts [max(levels), K] of the batch).
   """
-  codec = codec_lib.SpectroStream(config.codec)
+  split = split_batch(mesh)
+  codec = codec_lib.SpectroStream(config.codec, batch_sharding=split)
   codebooks = replicate(params['quantizer']['embedding'], mesh)
   variables = {'params': {**params, 'quantizer': {'embedding': codebooks}}}
   codes = codec.apply(variables, wav, max(levels), method=codec.encode)
@@ -587,7 +615,7 @@ def evaluate(
     rec = codec.apply(variables, codes[..., :n], method=codec.decode)
     ref, trimmed = losses.trim(wav, rec, config.loss.skip_samples)
     metrics[f'mel_distance/{n}'] = losses.mel_distance(
-      ref, trimmed, config.loss.mel
+      ref, trimmed, config.loss.mel, split
     )
     metrics[f'si_sdr/{n}'] = losses.si_sdr(ref, trimmed)
     recs.append(rec)
