@@ -46,6 +46,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 
 import jax
 import numpy as np
@@ -223,10 +224,16 @@ def train_step(
 
 # Training run ----------------------------------------------------------------
 
-TRAIN = (
-  'from spectrostream_jax.commands import spectrostream_train; '
-  'spectrostream_train()'
-)
+
+def console(name: str) -> list[str]:
+  """argv running console script `name` from this tree, where
+  pyproject.toml's [project.scripts] points it."""
+  with open(ROOT / 'pyproject.toml', 'rb') as f:
+    module, func = tomllib.load(f)['project']['scripts'][name].split(':')
+  code = f'import {module} as m; m.{func}()'
+  return [sys.executable, '-c', code]
+
+
 # No evaluation and no periodic save: the Ctrl-C save is the checkpoint.
 NEVER = 10**9
 
@@ -318,10 +325,11 @@ def train_run(
   env = dict(os.environ)
   if cache:
     env['JAX_COMPILATION_CACHE_DIR'] = cache
+    env['SPECTROSTREAM_COMPILE_CACHE'] = cache
   flags = [f'--workdir={workdir / "run"}', *train_gin(quick, manifest)]
   start = time.monotonic()
   proc = subprocess.Popen(
-    [sys.executable, '-c', TRAIN, *flags],
+    [*console('spectrostream-train'), *flags],
     cwd=ROOT,
     env=env,
     stdout=subprocess.PIPE,
@@ -350,7 +358,8 @@ def train_run(
     raise RuntimeError(f'trainer exited {code}: {out.tail()}')
   first_step = int(first[1].group(1))
   last_step = int(saved[1].group(1))
-  compiled = out.first(r'step compiled in ([\d.]+) s: ([\d.e+]+) GFLOP')
+  compiled = out.first(r'compiled in ([\d.]+) s')
+  gflop = out.first(r'([\d.e+]+) GFLOP')
   logged = out.last(STEP)
   result = {
     'command': shlex.join(['spectrostream-train', *flags]),
@@ -362,13 +371,11 @@ def train_run(
     ),
     'last_logged_steps_per_second': float(logged[1].group(2)),
     'trainer_compile_seconds': compiled and float(compiled[1].group(1)),
-    'trainer_logged_gflop': compiled and float(compiled[1].group(2)),
+    'trainer_logged_gflop': gflop and float(gflop[1].group(1)),
   }
   model = workdir / 'model'
   cmd = [
-    sys.executable,
-    '-m',
-    'spectrostream_jax.export',
+    *console('spectrostream-export'),
     f'--workdir={workdir / "run"}',
     f'--out={model}',
     '--overwrite',

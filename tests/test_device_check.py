@@ -62,7 +62,7 @@ def test_quick_run(tmp_path):
     'train',
     'train_step/tiny/float32',
   ]
-  failed = {k: v for k, v in r.items() if 'error' in dict(v or {})}
+  failed = {k: v for k, v in r.items() if isinstance(v, dict) and 'error' in v}
   if not (SHARED / 'vectors').is_dir():
     assert 'vectors' in failed.pop('parity')['error']
   assert not failed
