@@ -259,9 +259,14 @@ def train_gin(quick: bool, manifest: str | None) -> list[str]:
       # Its scoped sources override quickstart's synthetic one.
       files.append('data/debian.gin')
     bindings.append(f'DEBIAN_MANIFEST = {os.path.abspath(manifest)!r}')
+  if quick:
+    # GAN steps from the first: the trainer compiles only the programs a
+    # run will use, before its first step (no warm-up step to compile).
+    bindings.append('StepConfig.warmup_steps = 0')
   bindings += [
     f'train.num_steps = {NEVER}',
-    f'train.eval_every = {NEVER}',
+    # Stopped by Ctrl-C, the run never evaluates: no eval program.
+    'train.eval_every = 0',
     f'CheckpointConfig.every = {NEVER}',
     'train.log_every = 5',
     # The per-term gradient norms are a program of their own to compile.

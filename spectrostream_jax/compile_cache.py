@@ -9,8 +9,10 @@ folder also keeps XLA's autotuning results (JAX's
 autotuner too. docs/training.md, "On GPUs and TPUs", has the figures.
 
 Where: `--compile-cache DIR` (`--compile_cache` for spectrostream-train),
-else $SPECTROSTREAM_COMPILE_CACHE, else $XDG_CACHE_HOME (or ~/.cache)
-/spectrostream_jax/xla. The word `off` in either place turns it off.
+else $SPECTROSTREAM_COMPILE_CACHE, else JAX's own
+$JAX_COMPILATION_CACHE_DIR (the launch scripts set it), else
+$XDG_CACHE_HOME (or ~/.cache)/spectrostream_jax/xla. The word `off` turns
+it off.
 """
 
 import os
@@ -40,7 +42,11 @@ def directory(setting: str | None = None) -> str | None:
   None means off.
   """
   if setting is None:
-    setting = os.environ.get(ENV) or default_directory()
+    setting = (
+      os.environ.get(ENV)
+      or os.environ.get('JAX_COMPILATION_CACHE_DIR')
+      or default_directory()
+    )
   setting = setting.strip()
   if not setting or setting.lower() == OFF:
     return None

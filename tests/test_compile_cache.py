@@ -60,8 +60,12 @@ def restore_jax_cache():
 
 def test_where_the_cache_is(monkeypatch, tmp_path):
   monkeypatch.delenv(compile_cache.ENV, raising=False)
+  monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR', raising=False)
   monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
   assert compile_cache.directory() == str(tmp_path / 'spectrostream_jax/xla')
+  # JAX's own variable (the launch scripts set it) is kept.
+  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path / 'jax'))
+  assert compile_cache.directory() == str(tmp_path / 'jax')
   monkeypatch.setenv(compile_cache.ENV, str(tmp_path / 'env'))
   assert compile_cache.directory() == str(tmp_path / 'env')
   assert compile_cache.directory('flag') == os.path.abspath('flag')
