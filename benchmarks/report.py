@@ -29,6 +29,30 @@ def update_section(name: str, result: dict, render) -> None:
   files.write_atomic(DOC, text)
 
 
+def on_fake_devices(script: str, devices: int, case: dict) -> dict:
+  """Runs `script --case=JSON` with `devices` fake CPU devices; its JSON.
+
+  A process of its own, since JAX fixes the device count when it starts.
+  """
+  import subprocess
+
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = (
+    env.get('XLA_FLAGS', '')
+    + f' --xla_force_host_platform_device_count={devices}'
+  )
+  env['JAX_PLATFORMS'] = 'cpu'
+  out = subprocess.run(
+    [sys.executable, script, f'--case={json.dumps(case)}'],
+    env=env,
+    cwd=DOC.parents[1],
+    capture_output=True,
+    text=True,
+    check=True,
+  )
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def cpu_name() -> str:
   """The CPU model from /proc/cpuinfo, else what platform knows."""
   try:

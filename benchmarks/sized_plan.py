@@ -37,7 +37,6 @@ import datetime
 import functools
 import json
 import math
-import os
 import pathlib
 import subprocess
 import sys
@@ -235,21 +234,7 @@ MEMORY_CASES = (
 
 
 def run_case(case: dict, devices: int) -> dict:
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = (
-    env.get('XLA_FLAGS', '')
-    + f' --xla_force_host_platform_device_count={devices}'
-  )
-  env['JAX_PLATFORMS'] = 'cpu'
-  out = subprocess.run(
-    [sys.executable, __file__, f'--case={json.dumps(case)}'],
-    env=env,
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    check=True,
-  )
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  return report.on_fake_devices(__file__, devices, case)
 
 
 # Input -----------------------------------------------------------------------

@@ -24,7 +24,6 @@ change), shown next to this one in docs/benchmarks.md by `--update-docs`;
 import argparse
 import functools
 import json
-import os
 import pathlib
 import re
 import subprocess
@@ -108,22 +107,8 @@ def measure(path: str, per_device_batch: int) -> dict:
 
 
 def run(path: str, per_device_batch: int, devices: int) -> dict:
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = (
-    env.get('XLA_FLAGS', '')
-    + f' --xla_force_host_platform_device_count={devices}'
-  )
-  env['JAX_PLATFORMS'] = 'cpu'
   case = {'experiment': path, 'per_device_batch': per_device_batch}
-  out = subprocess.run(
-    [sys.executable, __file__, f'--case={json.dumps(case)}'],
-    env=env,
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    check=True,
-  )
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  return report.on_fake_devices(__file__, devices, case)
 
 
 def with_growth(rows: list[dict]) -> list[dict]:
