@@ -54,8 +54,10 @@ from spectrostream_jax.training import train
 
 try:
   from benchmarks import report
+  from benchmarks import train_step
 except ImportError:  # Run as a script from the repository root.
   import report
+  import train_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -105,15 +107,9 @@ HARDWARE = {
 
 def experiment(hardware: str, dtype: str | None = None):
   """(StepConfig, PipelineConfig, MeshConfig) as spectrostream-train builds."""
-  bindings = []
-  if dtype:
-    bindings = [
-      f"codec.CodecConfig.dtype = '{dtype}'",
-      f"discriminator.DiscriminatorConfig.dtype = '{dtype}'",
-    ]
   gin.clear_config()
   try:
-    train.parse_gin([EXPERIMENT, hardware], bindings)
+    train.parse_gin([EXPERIMENT, hardware], train_step.dtype_bindings(dtype))
     return tuple(
       gin.query_parameter(f'train.{k}').scoped_configurable_fn()
       for k in ('model', 'data', 'mesh')

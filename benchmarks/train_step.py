@@ -44,6 +44,16 @@ EXPERIMENTS = {
 }
 
 
+def dtype_bindings(dtype: str | None) -> list[str]:
+  """Gin bindings of the networks' compute dtype (None: the config's)."""
+  if not dtype:
+    return []
+  return [
+    f"codec.CodecConfig.dtype = '{dtype}'",
+    f"discriminator.DiscriminatorConfig.dtype = '{dtype}'",
+  ]
+
+
 def step_config(
   experiment: str, dtype: str | None = None
 ) -> step_lib.StepConfig:
@@ -52,15 +62,9 @@ def step_config(
   `dtype` sets the compute dtype of codec and discriminators, as the
   hardware gin files do ('bfloat16'); None keeps the experiment's.
   """
-  bindings = []
-  if dtype:
-    bindings = [
-      f"codec.CodecConfig.dtype = '{dtype}'",
-      f"discriminator.DiscriminatorConfig.dtype = '{dtype}'",
-    ]
   gin.clear_config()
   try:
-    train.parse_gin([experiment], bindings)
+    train.parse_gin([experiment], dtype_bindings(dtype))
     return gin.query_parameter('train.model').scoped_configurable_fn()
   finally:
     gin.clear_config()

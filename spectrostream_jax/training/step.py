@@ -116,8 +116,9 @@ def _at_config_precision(fn):
 
   @functools.wraps(fn)
   def run(config: StepConfig, *args, **kwargs):
-    with precision.products(config.matmul_precision):
-      return fn(config, *args, **kwargs)
+    return precision.traced(fn, config.matmul_precision)(
+      config, *args, **kwargs
+    )
 
   return run
 
@@ -159,15 +160,13 @@ def split_batch(
   return None if mesh is None else sharding.batch_sharding(mesh)
 
 
-def split_like_batch(x, mesh: jax.sharding.Mesh | None):
-  """x split over `mesh` by example like the batch (a no-op without one).
+def split_like_batch(x, split: jax.sharding.NamedSharding | None):
+  """x split by example like the batch (`split_batch`; None: a no-op).
 
   Left free, the warm-up's embeddings lead XLA to compute the decoder's
   first weight gradients from the whole batch, gathered on every device.
   """
-  if mesh is None:
-    return x
-  return jax.lax.with_sharding_constraint(x, sharding.batch_sharding(mesh))
+  return x if split is None else jax.lax.with_sharding_constraint(x, split)
 
 
 def replicate(x, mesh: jax.sharding.Mesh | None):
@@ -341,7 +340,7 @@ def train_step(
     emb = codec.apply(variables, wav, method=codec.embed)
     if warmup:
       q = None
-      decoder_input = split_like_batch(emb, mesh)
+      decoder_input = split_like_batch(emb, split)
       zeros = jnp.zeros((qc.num_levels,))
       vq_losses = (zeros, zeros)
     else:
