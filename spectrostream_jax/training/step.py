@@ -280,11 +280,13 @@ def _balanced(
   loss: losses.LossConfig,
   cts: dict[str, jax.Array],
   balance: train_state.BalancerState,
-) -> tuple[jax.Array, train_state.BalancerState]:
-  """EnCodec's balancer: Σ_t (w_t / Σw) · g_t / ‖g_t‖ with running norms.
+) -> tuple[dict[str, jax.Array], train_state.BalancerState]:
+  """EnCodec's balancer: term t's part of the gradient at x̂ is
+  (w_t / Σw) · g_t / ‖g_t‖, with ‖g_t‖ a running norm.
 
   g_t is term t's unweighted gradient at x̂; its norm is a bias-corrected
-  running mean (decay `loss.balancer_decay`).
+  running mean (decay `loss.balancer_decay`). Returns each term's part
+  (their sum is the cotangent of x̂) and the updated running norms.
   """
   weights = loss.weights()
   current = jnp.stack(
@@ -298,14 +300,29 @@ def _balanced(
     norms=d * balance.norms + (1.0 - d) * current,
     weight=d * balance.weight + (1.0 - d),
   )
-  mean = balance.norms / balance.weight
-  total_weight = sum(weights[name] for name in cts)
-  ct = 0.0
-  for i, name in enumerate(losses.TERMS):
-    if name in cts:
-      scale = 1.0 / (total_weight * jnp.maximum(mean[i], 1e-12))
-      ct = ct + cts[name] * scale
-  return ct, balance
+  return _balanced_parts(loss, cts, balance), balance
+
+
+def _balanced_parts(
+  loss: losses.LossConfig,
+  cts: dict[str, jax.Array],
+  balance: train_state.BalancerState,
+) -> dict[str, jax.Array]:
+  """Each weighted term's gradient rescaled by 1 / (Σw · running ‖g_t‖)."""
+  mean = balance.norms / jnp.maximum(balance.weight, 1e-12)
+  total_weight = sum(loss.weights()[name] for name in cts)
+  return {
+    name: cts[name] / (total_weight * jnp.maximum(mean[i], 1e-12))
+    for i, name in enumerate(losses.TERMS)
+    if name in cts
+  }
+
+
+def _shares(cts: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """`g/share/<term>`: each term's gradient norm over the sum of the norms."""
+  norms = {name: _norm(ct) for name, ct in cts.items()}
+  total = sum(norms.values())
+  return {f'g/share/{name}': n / total for name, n in norms.items()}
 
 
 @_at_config_precision
@@ -387,8 +404,11 @@ def train_step(
       cts = term_cotangents(
         loss, ref, rec, real, fake, lambda ct: fake_vjp(ct)[1], split
       )
-      ct_rec, balance = _balanced(loss, cts, state.balance)
+      parts, balance = _balanced(loss, cts, state.balance)
+      ct_rec = sum(parts.values())
       metrics.update(_grad_metrics(cts))
+      # What the codec receives: the shares the balancer aims at.
+      metrics.update(_shares(parts))
       ct_vq = (
         jnp.full_like(commitment, loss.commitment_weight),
         jnp.full_like(codebook_loss, loss.codebook_weight),
@@ -530,7 +550,8 @@ def gradient_norms(
   The step's forward pass on `batch` (same key, same RVQ draws), then
   `g/grad/<term>`: the norm of the weighted term's gradient at x̂ over the
   batch, `g/grad/total`: the norm of their sum, and `g/share/<term>`:
-  each norm over the sum of the norms. Read with docs/training.md.
+  each norm over the sum of the norms (with `LossConfig.balancer`, of the
+  balanced parts the codec receives). Read with docs/training.md.
   """
   split = split_batch(mesh)
   codec = codec_lib.SpectroStream(config.codec, batch_sharding=split)
@@ -564,9 +585,12 @@ def gradient_norms(
 
   cts = term_cotangents(loss, ref, rec, real, fake, to_rec, split)
   metrics = _grad_metrics(cts)
-  total = sum(metrics[f'g/grad/{name}'] for name in cts)
-  for name in cts:
-    metrics[f'g/share/{name}'] = metrics[f'g/grad/{name}'] / total
+  if loss.balancer and not warmup:
+    # The balancer's rescaling with the state's running norms: the shares
+    # of the gradient the codec would receive.
+    metrics.update(_shares(_balanced_parts(loss, cts, state.balance)))
+  else:
+    metrics.update(_shares(cts))
   return metrics
 
 
