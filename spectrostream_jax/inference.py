@@ -42,6 +42,7 @@ from spectrostream_jax import checks
 from spectrostream_jax import files
 from spectrostream_jax import model_dir as model_dir_lib
 from spectrostream_jax import precision as precision_lib
+from spectrostream_jax import signal
 from spectrostream_jax import streaming
 from spectrostream_jax import weights
 from spectrostream_jax.models import codec as codec_lib
@@ -231,6 +232,34 @@ class Codec:
     out = self._resample(out, self.sample_rate, sample_rate)
     return np.pad(out, ((0, 0), (0, max(0, t - out.shape[1])), (0, 0)))[:, :t]
 
+  def reconstruct_levels(
+    self, wav, levels
+  ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """float [B, T, C] at the model's rate -> (codes, {n: reconstruction}).
+
+    What `reconstruct(wav, n)` gives for each n, within float rounding,
+    and the codes it decodes (those of wav zero-padded to whole frames),
+    from two programs per length bucket instead of two per length and n:
+    the input is zero-padded at the end to `signal.bucket` frames, encoded
+    once and decoded at every n by one program (n is an argument, not a
+    shape). The codec is causal, so the padding changes nothing before
+    sample T. Codes [B, ceil(T/1920), max(levels)]; reconstructions [B, T,
+    config.num_channels].
+    """
+    wav = self._check_wav(wav)
+    levels = sorted({self._check_levels(n) for n in levels})
+    t, per = wav.shape[1], self.config.samples_per_frame
+    frames = math.ceil(t / per)
+    padded_frames = signal.bucket(frames + self.config.lookahead)
+    pad = padded_frames * per - t
+    padded = np.pad(wav, ((0, 0), (0, pad), (0, 0)))
+    codes = self._encode(self.params, padded, levels[-1])
+    out = {
+      n: np.asarray(self._decode_prefix(self.params, codes, n))[:, :t]
+      for n in levels
+    }
+    return np.asarray(codes)[:, :frames], out
+
   def encode_file(self, path, num_levels: int | None = None) -> np.ndarray:
     """An audio file (any rate soundfile reads) -> codes [1, N, num_levels].
 
@@ -332,6 +361,13 @@ class Codec:
   def _decode(self):
     m = self._model
     return self._jit(lambda p, c: m.apply({'params': p}, c, method=m.decode))
+
+  @functools.cached_property
+  def _decode_prefix(self):
+    m = self._model
+    return self._jit(
+      lambda p, c, n: m.apply({'params': p}, c, n, method=m.decode_prefix)
+    )
 
   @functools.cached_property
   def _decode_emb(self):

@@ -189,11 +189,12 @@ def _mel_pair(
   hop: int,
   num_mels: int,
   batch_sharding: BatchSharding = None,
+  length: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Mel magnitudes [B, C, frames, mels] of both signals in one pass.
 
   Stacked on the channel axis, not the batch axis: a batch split over
-  devices stays where it is.
+  devices stays where it is. `length`: see signal.magnitude_spectrogram.
   """
   both = jnp.concatenate(
     [wav.astype(jnp.float32), reconstruction.astype(jnp.float32)], axis=-1
@@ -204,6 +205,7 @@ def _mel_pair(
     window=window,
     hop=hop,
     num_mels=num_mels,
+    length=length,
   )
   return jnp.split(signal.per_device(mel, batch_sharding)(both), 2, axis=1)
 
@@ -483,18 +485,29 @@ def discriminator_loss(
 
 
 def si_sdr(
-  reference: jax.Array, estimate: jax.Array, eps: float = 1e-8
+  reference: jax.Array,
+  estimate: jax.Array,
+  eps: float = 1e-8,
+  length: jax.Array | None = None,
 ) -> jax.Array:
   """Scale-invariant SDR in dB of [B, T, C] signals, per example [B].
 
   Computed per audio channel on zero-mean signals and averaged over
   channels: with α = <ŝ, s> / ||s||², SI-SDR = 10 log10(||αs||² / ||ŝ − αs||²).
-  A silent reference channel gives a meaningless value.
+  A silent reference channel gives a meaningless value. `length`: only
+  the first `length` samples count (a traced scalar).
   """
   s = reference.astype(jnp.float32)
   s_hat = estimate.astype(jnp.float32)
-  s = s - jnp.mean(s, axis=1, keepdims=True)
-  s_hat = s_hat - jnp.mean(s_hat, axis=1, keepdims=True)
+  if length is None:
+    s = s - jnp.mean(s, axis=1, keepdims=True)
+    s_hat = s_hat - jnp.mean(s_hat, axis=1, keepdims=True)
+  else:
+    used = (jnp.arange(s.shape[1]) < length)[None, :, None]
+    s = jnp.where(used, s - jnp.sum(s * used, 1, keepdims=True) / length, 0.0)
+    s_hat = jnp.where(
+      used, s_hat - jnp.sum(s_hat * used, 1, keepdims=True) / length, 0.0
+    )
   alpha = jnp.sum(s_hat * s, axis=1, keepdims=True) / (
     jnp.sum(s * s, axis=1, keepdims=True) + eps
   )
@@ -509,27 +522,42 @@ def mel_distance(
   estimate: jax.Array,
   mel: MelConfig = MelConfig(),
   batch_sharding: BatchSharding = None,
+  length: jax.Array | None = None,
 ) -> jax.Array:
   """Mean |log10(S + eps) − log10(Ŝ + eps)| over scales and bins, per example.
 
   An eval metric of [B, T, C] signals, [B]: unlike the training loss it has
   no window-dependent weights, so it reads as an average level error
-  (0.05 ≈ 1 dB).
+  (0.05 ≈ 1 dB). `length`: see signal.magnitude_spectrogram.
   """
   per_scale = []
   for window in mel.windows:
+    hop = window // mel.hops_per_window
     s, s_hat = _mel_pair(
       reference,
       estimate,
       mel.sample_rate,
       window,
-      window // mel.hops_per_window,
+      hop,
       mel.num_mels,
       batch_sharding,
+      length,
     )
     diff = jnp.abs(jnp.log10(s + mel.log_eps) - jnp.log10(s_hat + mel.log_eps))
     # Small windows leave some mel filters without an FFT bin; skip them.
     used = signal.mel_filterbank(mel.num_mels, window, mel.sample_rate)
     used = used.any(axis=0)
-    per_scale.append(jnp.mean(diff[..., used], axis=(1, 2, 3)))
+    per_scale.append(frame_mean(diff[..., used], hop, length))
   return jnp.mean(jnp.stack(per_scale), axis=0)
+
+
+def frame_mean(
+  x: jax.Array, hop: int, length: jax.Array | None = None
+) -> jax.Array:
+  """Mean of [B, C, frames, bins] over all but B; with `length`, over the
+  frames of a signal that long (signal.valid_frames)."""
+  if length is None:
+    return jnp.mean(x, axis=(1, 2, 3))
+  valid = signal.valid_frames(length, hop, x.shape[2])[None, None, :, None]
+  count = jnp.sum(valid) * x.shape[1] * x.shape[3]
+  return jnp.sum(jnp.where(valid, x, 0.0), axis=(1, 2, 3)) / count

@@ -4,6 +4,7 @@ ViSQOL is part of the `eval` extra that the README's test command
 installs: when it is missing these tests fail, they do not skip.
 """
 
+import jax
 import numpy as np
 import pytest
 
@@ -114,6 +115,30 @@ def test_bad_shapes_are_refused(ref):
     metrics.signal_metrics(ref, ref[:-1])
   with pytest.raises(ValueError, match='stereo'):
     metrics.signal_metrics(ref[:, :1], ref[:, :1])
+
+
+@pytest.mark.parametrize('seconds', [0.5, 1.37, 2.9])
+def test_padded_to_a_bucket_the_metrics_are_those_of_the_clip(seconds):
+  """Clips padded to a length bucket score what they score unpadded (the
+  program of each exact length), within float rounding."""
+  ref = stereo(seconds, seed=1)
+  # Damaged differently over time, so every frame matters, the last too.
+  fade = np.linspace(1.0, 0.2, ref.shape[0], dtype=np.float32)[:, None]
+  est = ref * fade + 0.02 * stereo(seconds, seed=2)[:, ::-1]
+  got = metrics.signal_metrics(ref, est)
+  want = jax.device_get(metrics._signal_metrics(ref, est, SR, None))
+  assert got.keys() == want.keys()
+  for name, value in want.items():
+    np.testing.assert_allclose(
+      got[name], value, rtol=2e-5, atol=1e-6, err_msg=name
+    )
+
+
+def test_clips_of_one_bucket_share_a_program():
+  before = metrics._signal_metrics._cache_size()
+  for seconds in (1.01, 1.2, 1.33):  # all padded to 16 × 0.1 s
+    metrics.signal_metrics(stereo(seconds), stereo(seconds, seed=3))
+  assert metrics._signal_metrics._cache_size() - before <= 1
 
 
 def test_band_edges():

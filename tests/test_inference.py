@@ -8,6 +8,7 @@ import soundfile as sf
 import soxr
 
 from spectrostream_jax import Codec
+from spectrostream_jax import signal
 from spectrostream_jax import weights
 from spectrostream_jax.models import codec as codec_lib
 
@@ -146,6 +147,36 @@ def test_reconstruct_is_aligned_with_decode(codec):
   np.testing.assert_allclose(
     codec.reconstruct(x)[:, : plain.shape[1]], plain, atol=1e-5
   )
+
+
+def test_reconstruct_levels_equals_encode_and_reconstruct():
+  """Clips of three lengths in one bucket: the codes and every level's
+  reconstruction are the per-length programs' results, from one encode and
+  one decode program."""
+  codec = Codec.random(codec_lib.tiny(), seed=1)
+  levels = [1, 3, codec.num_levels]
+  for t in (1920 * 5 + 7, 1920 * 9, 1920 * 12 + 1000):
+    x = clip(t=t, seed=t)
+    codes, out = codec.reconstruct_levels(x, levels)
+    # The codes `reconstruct` decodes: of the clip padded to whole frames.
+    whole = np.pad(x, ((0, 0), (0, -t % 1920), (0, 0)))
+    np.testing.assert_array_equal(codes, codec.encode(whole, codec.num_levels))
+    assert sorted(out) == levels
+    for n in levels:
+      assert out[n].shape == (1, t, 2)
+      np.testing.assert_allclose(
+        out[n], codec.reconstruct(x, n), rtol=1e-5, atol=1e-6
+      )
+  # 5 + 1 to 13 + 1 frames all pad to 16: one program each.
+  assert codec._encode._cache_size() > 1  # the per-length reference calls
+  assert codec._decode_prefix._cache_size() == 1
+
+
+@pytest.mark.parametrize(
+  'frames,bucket', [(1, 16), (16, 16), (17, 24), (25, 32), (33, 48), (751, 768)]
+)
+def test_length_buckets(frames, bucket):
+  assert signal.bucket(frames) == bucket
 
 
 # Sample rates, dtypes and files ----------------------------------------------

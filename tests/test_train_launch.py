@@ -83,3 +83,108 @@ def test_scripts_parse_and_explain_themselves(script):
   usage = subprocess.run(['bash', str(path)], capture_output=True, text=True)
   assert usage.returncode == 2
   assert 'usage' in usage.stderr.lower() or 'WORKDIR' in usage.stderr
+
+
+def test_named_arms_bind_several_keys_and_lists_as_tuples():
+  spec = {
+    'gin_files': [],
+    'defaults': {'a.x': 1},
+    'arms': {'base': {}, 'wide': {'a.x': 2, 'a.ch': [4, 8]}},
+  }
+  runs = sweep['expand'](spec)
+  assert runs == [('base', {'a.x': 1}), ('wide', {'a.x': 2, 'a.ch': [4, 8]})]
+  assert sweep['train_flags'](spec, runs[1][1]) == [
+    '--gin_bindings=a.x = 2',
+    '--gin_bindings=a.ch = (4, 8)',
+  ]
+  with pytest.raises(ValueError, match='grids or arms'):
+    sweep['expand']({**spec, 'grids': [{'a.x': [1]}]})
+
+
+def test_third_step_sweep_sets_each_arms_recipe():
+  spec = json.loads((LAUNCH / 'sweeps' / 'third_step.json').read_text())
+  got = {}
+  for name, bindings in sweep['expand'](spec):
+    flags = sweep['train_flags'](spec, bindings)
+    files = [f.split('=', 1)[1] for f in flags if f.startswith('--gin_file=')]
+    values = [
+      f.split('=', 1)[1] for f in flags if f.startswith('--gin_bindings=')
+    ]
+    gin.clear_config()
+    try:
+      train.parse_gin(files, values)
+      model = gin.query_parameter('train.model').scoped_configurable_fn()
+      assert gin.query_parameter('train.num_steps') == 1500
+    finally:
+      gin.clear_config()
+    got[name] = model
+  assert list(got) == ['today', 'balancer', 'wide_decoder', 'late_gan']
+  today = got['today']
+  assert not today.loss.balancer and today.warmup_steps == 200
+  assert got['balancer'].loss.balancer
+  weights = got['balancer'].loss.weights()
+  assert weights['wav'] / sum(weights.values()) == pytest.approx(0.25)
+  assert got['wide_decoder'].codec.decoder_channels == (
+    256,
+    128,
+    128,
+    64,
+    32,
+    32,
+    16,
+  )
+  assert got['late_gan'].warmup_steps == 600
+  # Everything else is today's recipe.
+  assert got['late_gan'].loss == today.loss
+  assert got['wide_decoder'].loss == today.loss
+
+
+def test_sweep_report_tables_each_runs_scores(tmp_path):
+  from spectrostream_jax.training import train_logging
+
+  spec = {'gin_files': [], 'arms': {'a': {}, 'b': {}}}
+  (tmp_path / 'sweep.json').write_text(json.dumps(spec))
+  for name, rate in (('a', 0.5), ('b', 0.25)):
+    writer = train_logging.Writer(str(tmp_path / name / 'tensorboard'))
+    for step in (100, 200):
+      writer.scalars(
+        step,
+        {'perf/steps_per_second': rate, 'eval/si_sdr/1kbps': step / 100},
+      )
+    writer.close()
+  ladder = tmp_path / 'a' / 'ladder'
+  ladder.mkdir()
+  rows = [
+    {
+      'kbps_requested': k,
+      'mean': {'si_sdr': k / 2, 'mel_distance': 0.3, 'lsd': 9.0},
+    }
+    for k in (1.0, 4.0, 16.0)
+  ]
+  (ladder / 'results.json').write_text(
+    json.dumps({'rows': rows, 'codebooks': {'perplexity': [321.0]}})
+  )
+  out = tmp_path / 'report'
+  subprocess.run(
+    [
+      sys.executable,
+      str(LAUNCH / 'sweep_report.py'),
+      str(tmp_path / 'sweep.json'),
+      str(tmp_path),
+      '--out',
+      str(out),
+    ],
+    check=True,
+    capture_output=True,
+  )
+  summary = json.loads((out / 'summary.json').read_text())
+  # 200 steps at 0.5 steps/s; b has no ladder.
+  assert summary['a']['seconds'] == pytest.approx(400.0)
+  assert summary['a']['si_sdr/16'] == 8.0
+  assert summary['a']['perplexity_l1'] == 321.0
+  assert summary['b']['steps_per_second'] == pytest.approx(0.25)
+  assert 'si_sdr/1' not in summary['b']
+  lines = (out / 'table.md').read_text().splitlines()
+  assert lines[2].startswith('| a | 200 | 0.11 h | 0.500 | 0.50 | 2.00 | 8.00')
+  assert lines[3].startswith('| b | 200 | 0.22 h | 0.250 | – |')
+  assert (out / 'curves.png').stat().st_size > 1000

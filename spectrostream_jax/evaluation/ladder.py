@@ -249,12 +249,13 @@ def evaluate(
           for s in baselines
           for kbps in targets[s]
         ]
-        codes = codec.encode(ref[None], max_levels)[0]
-        counts += metrics.code_counts(codes, k)
-        decoded = {
-          n: codec.reconstruct(ref[None], n)[0]
-          for n in sorted({r.levels for r in rates})
-        }
+        # One encode and one decode program per length bucket, not a few
+        # per clip length (docs/evaluation.md, "Speed").
+        codes, decoded = codec.reconstruct_levels(
+          ref[None], [r.levels for r in rates]
+        )
+        counts += metrics.code_counts(codes[0], k)
+        decoded = {n: audio[0] for n, audio in decoded.items()}
         for r in rates:
           scores.add((NEURAL, r.requested), i, ref, decoded[r.levels])
         for key, job in jobs:

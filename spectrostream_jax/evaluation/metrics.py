@@ -61,20 +61,23 @@ def stft_distance(
   windows: Sequence[int] = STFT_WINDOWS,
   hops_per_window: int = 4,
   log_eps: float = 1e-5,
+  length: jax.Array | None = None,
 ) -> jax.Array:
   """Mean |log10(|S| + eps) − log10(|Ŝ| + eps)| over scales, per example.
 
   `losses.mel_distance` on linear-frequency STFT bins instead of mel
   bands, so the top octaves, where most bins lie, weigh as much as they
-  do in the spectrum. [B, T, C] signals -> [B].
+  do in the spectrum. [B, T, C] signals -> [B]. `length`: see
+  signal.magnitude_spectrogram.
   """
   both = jnp.concatenate([reference, estimate]).astype(jnp.float32)
   per_scale = []
   for window in windows:
-    mag = signal.magnitude_spectrogram(both, window, window // hops_per_window)
+    hop = window // hops_per_window
+    mag = signal.magnitude_spectrogram(both, window, hop, length=length)
     s, s_hat = jnp.split(mag, 2)
     diff = jnp.abs(jnp.log10(s + log_eps) - jnp.log10(s_hat + log_eps))
-    per_scale.append(jnp.mean(diff, axis=(1, 2, 3)))
+    per_scale.append(losses.frame_mean(diff, hop, length))
   return jnp.mean(jnp.stack(per_scale), axis=0)
 
 
@@ -84,6 +87,7 @@ def log_spectral_distance(
   frame_length: int = LSD_FRAME,
   hop_length: int = LSD_HOP,
   floor_db: float = LSD_FLOOR_DB,
+  length: jax.Array | None = None,
 ) -> jax.Array:
   """RMS over bins of the dB difference of power spectra, in dB, per example.
 
@@ -94,10 +98,16 @@ def log_spectral_distance(
   the loudest frame). Its bins are narrow enough to see each harmonic
   and the valleys between them, so noise with the right spectral
   envelope, or harmonics smeared by a random phase, cannot pass for the
-  reference as they can in coarser spectra. [B, T, C] -> [B].
+  reference as they can in coarser spectra. [B, T, C] -> [B]. `length`:
+  see signal.magnitude_spectrogram.
   """
   both = jnp.concatenate([reference, estimate]).astype(jnp.float32)
-  power = signal.magnitude_spectrogram(both, frame_length, hop_length, 2.0)
+  power = signal.magnitude_spectrogram(
+    both, frame_length, hop_length, 2.0, length
+  )
+  if length is not None:  # Frames past the signal: silent, so inactive.
+    valid = signal.valid_frames(length, hop_length, power.shape[2])
+    power = jnp.where(valid[None, None, :, None], power, 0.0)
   p, p_hat = jnp.split(power, 2)  # [B, C, F, K]
   floor = 10 ** (-floor_db / 10) * jnp.max(p, axis=(1, 2, 3), keepdims=True)
   db = 10.0 * jnp.log10(jnp.maximum(p, floor))
@@ -158,12 +168,14 @@ def band_matrix(
 
 
 def _tiles(
-  wav: jax.Array, sample_rate: int
+  wav: jax.Array, sample_rate: int, length: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(P_L, P_R, X) per tile [B, tiles, bands]: powers and cross-spectrum.
 
   A tile is STEREO_TILE_FRAMES STFT frames times one band's bins;
-  X = Σ L·conj(R) over the tile.
+  X = Σ L·conj(R) over the tile. The last tile, if incomplete, is left
+  out; with `length` (wav is zero after that many samples), so are the
+  tiles from there on: they are zero.
   """
   feat = signal.stft(wav.astype(jnp.float32), STEREO_FRAME, STEREO_HOP)
   spec = jax.lax.complex(feat[..., 0::2], feat[..., 1::2])  # [B, F, K, C]
@@ -176,6 +188,11 @@ def _tiles(
   spec = spec[:, : n * STEREO_TILE_FRAMES].reshape(
     b, n, STEREO_TILE_FRAMES, k, 2
   )
+  if length is not None:
+    whole = (length + STEREO_HOP - 1) // STEREO_HOP // STEREO_TILE_FRAMES
+    spec = jnp.where(
+      (jnp.arange(n) < whole)[None, :, None, None, None], spec, 0
+    )
   left, right = spec[..., 0], spec[..., 1]
   bands = jnp.asarray(band_matrix(sample_rate))
 
@@ -195,7 +212,10 @@ def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def stereo_image(
-  reference: jax.Array, estimate: jax.Array, sample_rate: int = 48_000
+  reference: jax.Array,
+  estimate: jax.Array,
+  sample_rate: int = 48_000,
+  length: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
   """Per-band stereo image errors [B, bands] of [B, T, 2] signals.
 
@@ -205,10 +225,10 @@ def stereo_image(
   absolute differences over the active tiles (dB and 0..1);
   `ipd_error` is |arg(X·conj(X̂))| in radians (π/2 where X̂ = 0),
   averaged with weights |X| so that tiles where the channels share
-  nothing do not count.
+  nothing do not count. `length`: see `_tiles`.
   """
-  pl, pr, x = _tiles(reference, sample_rate)
-  ql, qr, y = _tiles(estimate, sample_rate)
+  pl, pr, x = _tiles(reference, sample_rate, length)
+  ql, qr, y = _tiles(estimate, sample_rate, length)
   energy = pl + pr
   peak = jnp.max(energy, axis=(1, 2), keepdims=True)
   eps = 1e-10 * peak + _EPS
@@ -236,24 +256,29 @@ def stereo_image(
 
 @functools.partial(jax.jit, static_argnums=2)
 def _signal_metrics(
-  reference: jax.Array, estimate: jax.Array, sample_rate: int
+  reference: jax.Array, estimate: jax.Array, sample_rate: int, length
 ) -> dict[str, jax.Array]:
   ref, est = reference[None], estimate[None]
   mid, side = mid_side_snr(ref, est)
   out = {
     'mel_distance': losses.mel_distance(
-      ref, est, losses.MelConfig(sample_rate=sample_rate)
+      ref, est, losses.MelConfig(sample_rate=sample_rate), length=length
     ),
-    'stft_distance': stft_distance(ref, est),
-    'lsd': log_spectral_distance(ref, est),
-    'si_sdr': losses.si_sdr(ref, est),
+    'stft_distance': stft_distance(ref, est, length=length),
+    'lsd': log_spectral_distance(ref, est, length=length),
+    'si_sdr': losses.si_sdr(ref, est, length=length),
     'mid_snr': mid,
     'side_snr': side,
   }
-  for name, per_band in stereo_image(ref, est, sample_rate).items():
+  for name, per_band in stereo_image(ref, est, sample_rate, length).items():
     out[f'{name}_bands'] = per_band
     out[name] = jnp.nanmean(per_band, axis=-1)
   return {k: v[0] for k, v in out.items()}
+
+
+# Clips are zero-padded to a whole number of these (0.1 s at 48 kHz), in
+# `signal.bucket` steps, so that clips of many lengths share a few programs.
+_BUCKET_UNIT = 4800
 
 
 def signal_metrics(
@@ -264,6 +289,9 @@ def signal_metrics(
   Returns floats for SCALAR_METRICS and, for each name in BAND_METRICS,
   `{name}_bands`: a list with one value per band of BAND_CENTRES_HZ.
   NaN marks a value that does not exist (a silent band, a mono side).
+  The clips are zero-padded to a length bucket and the metrics told
+  their length: the values are those of the clips as they are, within
+  float rounding, from one program per bucket (docs/evaluation.md).
   """
   reference = np.asarray(reference, np.float32)
   estimate = np.asarray(estimate, np.float32)
@@ -274,7 +302,18 @@ def signal_metrics(
     )
   if reference.shape[1] != 2:
     raise ValueError(f'need stereo clips, got {reference.shape[1]} channels')
-  out = jax.device_get(_signal_metrics(reference, estimate, sample_rate))
+  t = reference.shape[0]
+  if signal.num_frames(t, STEREO_HOP) < STEREO_TILE_FRAMES:
+    raise ValueError(f'clip too short for the stereo metrics: {t} samples')
+  if t <= LSD_FRAME // 2:
+    raise ValueError(f'clip too short for the spectral metrics: {t} samples')
+  padded = signal.bucket(math.ceil(t / _BUCKET_UNIT)) * _BUCKET_UNIT
+  pad = ((0, padded - t), (0, 0))
+  out = jax.device_get(
+    _signal_metrics(
+      np.pad(reference, pad), np.pad(estimate, pad), sample_rate, np.int32(t)
+    )
+  )
   return {
     k: [float(x) for x in v] if np.ndim(v) else float(v) for k, v in out.items()
   }

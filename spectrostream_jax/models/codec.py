@@ -431,6 +431,12 @@ class SpectroStream(nn.Module):
   def decode(self, codes: jax.Array) -> jax.Array:
     return self.decode_embeddings(self.dequantize(codes))
 
+  def decode_prefix(self, codes: jax.Array, num_levels: jax.Array):
+    """`decode(codes[..., :num_levels])` for a traced num_levels."""
+    return self.decode_embeddings(
+      self.quantizer.decode_prefix(codes, num_levels)
+    )
+
   def reconstruct(
     self, wav: jax.Array, num_levels: int | None = None
   ) -> jax.Array:

@@ -142,6 +142,22 @@ def decode(codebooks: jax.Array, codes: jax.Array) -> jax.Array:
   return jnp.sum(picked, axis=0)
 
 
+def decode_prefix(
+  codebooks: jax.Array, codes: jax.Array, num_levels: jax.Array
+) -> jax.Array:
+  """`decode` of codes[..., :num_levels], with num_levels a traced value.
+
+  One program serves every bitrate: the levels from num_levels on are
+  masked out of the sum instead of sliced off.
+  """
+  levels = codes.shape[-1]
+  picked = jax.vmap(
+    lambda cb, c: jnp.take(cb, c, axis=0), in_axes=(0, -1), out_axes=0
+  )(codebooks[:levels], codes)
+  used = jnp.arange(levels) < num_levels
+  return jnp.sum(jnp.where(used[:, None, None, None], picked, 0.0), axis=0)
+
+
 class ResidualVectorQuantizer(nn.Module):
   """Holds `quantizer/embedding` [levels, codebook_size, dim]."""
 
@@ -162,6 +178,9 @@ class ResidualVectorQuantizer(nn.Module):
 
   def decode(self, codes: jax.Array) -> jax.Array:
     return decode(self.embedding, codes)
+
+  def decode_prefix(self, codes: jax.Array, num_levels: jax.Array):
+    return decode_prefix(self.embedding, codes, num_levels)
 
   def __call__(self, z: jax.Array, rng: jax.Array) -> 'QuantizerOutput':
     return quantize_for_training(self.embedding, z, rng, self.config)

@@ -120,30 +120,70 @@ def plot(
     group = len(matched) > 1
     prefix = os.path.commonprefix(matched) if group else ''
     for tag in matched:
-      steps, values = scalars[tag]
-      smoothed = smooth > 1 and len(values) >= smooth
-      raw = ax.plot(
-        steps,
-        values,
-        alpha=0.35 if smoothed else 1.0,
-        lw=1,
-        label=None if smoothed else tag[len(prefix) :] or tag,
-      )
-      if smoothed:
-        kernel = np.ones(smooth) / smooth
-        ax.plot(
-          steps[smooth - 1 :],
-          np.convolve(values, kernel, 'valid'),
-          lw=2,
-          color=raw[0].get_color() if group else None,
-          label=tag[len(prefix) :] or tag,
-        )
+      _line(ax, *scalars[tag], smooth, tag[len(prefix) :] or tag, group)
     if group:
       ax.legend(fontsize=6, ncol=2 if len(matched) > 4 else 1)
     ax.set_title(name)
+  _finish(fig, axes, len(chosen), title, out)
+
+
+def compare(
+  runs: dict[str, dict], tags, out: str, title: str = '', smooth: int = 1
+) -> None:
+  """One panel per tag, one line per run ({name: read_scalars(...)});
+  tags that no run logged are left out."""
+  import matplotlib
+
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt
+
+  chosen = [t for t in tags if any(t in scalars for scalars in runs.values())]
+  if not chosen:
+    raise ValueError('none of the requested tags were logged')
+  cols = min(3, len(chosen))
+  rows = -(-len(chosen) // cols)
+  fig, axes = plt.subplots(
+    rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False
+  )
+  colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
+  for ax, tag in zip(axes.flat, chosen, strict=False):
+    for i, (name, scalars) in enumerate(runs.items()):
+      if tag in scalars:
+        _line(ax, *scalars[tag], smooth, name, True, colors[i % len(colors)])
+    ax.legend(fontsize=6)
+    ax.set_title(tag)
+  _finish(fig, axes, len(chosen), title, out)
+
+
+def _line(ax, steps, values, smooth, label, keep_color, color=None):
+  """The values, faint under their moving average when `smooth` > 1."""
+  smoothed = smooth > 1 and len(values) >= smooth
+  raw = ax.plot(
+    steps,
+    values,
+    alpha=0.35 if smoothed else 1.0,
+    lw=1,
+    color=color,
+    label=None if smoothed else label,
+  )
+  if smoothed:
+    kernel = np.ones(smooth) / smooth
+    ax.plot(
+      steps[smooth - 1 :],
+      np.convolve(values, kernel, 'valid'),
+      lw=2,
+      color=raw[0].get_color() if keep_color else None,
+      label=label,
+    )
+
+
+def _finish(fig, axes, used: int, title: str, out: str) -> None:
+  from matplotlib import pyplot as plt
+
+  for ax in axes.flat[:used]:
     ax.set_xlabel('step')
     ax.grid(alpha=0.3)
-  for ax in axes.flat[len(chosen) :]:
+  for ax in axes.flat[used:]:
     ax.axis('off')
   if title:
     fig.suptitle(title)
@@ -151,6 +191,14 @@ def plot(
   with files.atomic_path(out) as tmp:
     fig.savefig(tmp, dpi=100)
   plt.close(fig)
+
+
+def training_seconds(scalars: dict) -> float:
+  """Time spent in steps: each log interval's steps over its logged rate
+  (`perf/steps_per_second`), so compiles, evals and restarts are left out."""
+  steps, rates = scalars['perf/steps_per_second']
+  previous = np.concatenate([[0], steps[:-1]])
+  return float(np.sum((steps - previous) / rates))
 
 
 def main(argv=None) -> int:
