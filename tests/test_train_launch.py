@@ -122,6 +122,7 @@ def test_third_step_sweep_sets_each_arms_recipe():
   today = got['today']
   assert not today.loss.balancer and today.warmup_steps == 200
   assert got['balancer'].loss.balancer
+  assert got['balancer'].loss.balancer_decay == 0.99
   weights = got['balancer'].loss.weights()
   assert weights['wav'] / sum(weights.values()) == pytest.approx(0.25)
   assert got['wide_decoder'].codec.decoder_channels == (
