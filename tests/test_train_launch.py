@@ -36,11 +36,10 @@ def test_a_swept_key_needs_a_default():
     sweep['expand']({'grids': [{'a.x': [1]}, {'a.y': [2]}]})
 
 
-def test_ablation_sweep_sets_the_codec_fields(tmp_path):
-  spec = json.loads((LAUNCH / 'sweeps' / 'ablations.json').read_text())
-  runs = sweep['expand'](spec)
-  got = set()
-  for name, bindings in runs:
+def sweep_models(spec: dict) -> dict:
+  """{run name: (its StepConfig, its train.num_steps)} as gin builds them."""
+  out = {}
+  for name, bindings in sweep['expand'](spec):
     flags = sweep['train_flags'](spec, bindings)
     files = [f.split('=', 1)[1] for f in flags if f.startswith('--gin_file=')]
     values = [
@@ -50,9 +49,18 @@ def test_ablation_sweep_sets_the_codec_fields(tmp_path):
     try:
       train.parse_gin(files, values)
       model = gin.query_parameter('train.model').scoped_configurable_fn()
-      assert gin.query_parameter('train.num_steps') == 200000
+      out[name] = (model, gin.query_parameter('train.num_steps'))
     finally:
       gin.clear_config()
+  return out
+
+
+def test_ablation_sweep_sets_the_codec_fields(tmp_path):
+  spec = json.loads((LAUNCH / 'sweeps' / 'ablations.json').read_text())
+  runs = sweep_models(spec)
+  got = set()
+  for name, (model, steps) in runs.items():
+    assert steps == 200000
     got.add((model.codec.fusion_block, model.codec.lookahead))
     assert name == (
       f'fusion_block{model.codec.fusion_block}_lookahead{model.codec.lookahead}'
@@ -103,21 +111,9 @@ def test_named_arms_bind_several_keys_and_lists_as_tuples():
 
 def test_third_step_sweep_sets_each_arms_recipe():
   spec = json.loads((LAUNCH / 'sweeps' / 'third_step.json').read_text())
-  got = {}
-  for name, bindings in sweep['expand'](spec):
-    flags = sweep['train_flags'](spec, bindings)
-    files = [f.split('=', 1)[1] for f in flags if f.startswith('--gin_file=')]
-    values = [
-      f.split('=', 1)[1] for f in flags if f.startswith('--gin_bindings=')
-    ]
-    gin.clear_config()
-    try:
-      train.parse_gin(files, values)
-      model = gin.query_parameter('train.model').scoped_configurable_fn()
-      assert gin.query_parameter('train.num_steps') == 1500
-    finally:
-      gin.clear_config()
-    got[name] = model
+  runs = sweep_models(spec)
+  assert {steps for _, steps in runs.values()} == {1500}
+  got = {name: model for name, (model, _) in runs.items()}
   assert list(got) == ['today', 'balancer', 'wide_decoder', 'late_gan']
   today = got['today']
   assert not today.loss.balancer and today.warmup_steps == 200

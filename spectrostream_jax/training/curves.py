@@ -103,19 +103,8 @@ def plot(
   scalars: dict, tags, out: str, title: str = '', smooth: int = 1
 ) -> None:
   """One panel per tag or glob (missing skipped); `smooth`: moving average."""
-  import matplotlib
-
-  matplotlib.use('Agg')
-  from matplotlib import pyplot as plt
-
   chosen = panels(scalars, tags)
-  if not chosen:
-    raise ValueError('none of the requested tags were logged')
-  cols = min(3, len(chosen))
-  rows = -(-len(chosen) // cols)
-  fig, axes = plt.subplots(
-    rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False
-  )
+  fig, axes = _figure(len(chosen))
   for ax, (name, matched) in zip(axes.flat, chosen, strict=False):
     group = len(matched) > 1
     prefix = os.path.commonprefix(matched) if group else ''
@@ -132,19 +121,10 @@ def compare(
 ) -> None:
   """One panel per tag, one line per run ({name: read_scalars(...)});
   tags that no run logged are left out."""
-  import matplotlib
-
-  matplotlib.use('Agg')
   from matplotlib import pyplot as plt
 
   chosen = [t for t in tags if any(t in scalars for scalars in runs.values())]
-  if not chosen:
-    raise ValueError('none of the requested tags were logged')
-  cols = min(3, len(chosen))
-  rows = -(-len(chosen) // cols)
-  fig, axes = plt.subplots(
-    rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False
-  )
+  fig, axes = _figure(len(chosen))
   colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
   for ax, tag in zip(axes.flat, chosen, strict=False):
     for i, (name, scalars) in enumerate(runs.items()):
@@ -153,6 +133,20 @@ def compare(
     ax.legend(fontsize=6)
     ax.set_title(tag)
   _finish(fig, axes, len(chosen), title, out)
+
+
+def _figure(panels_needed: int):
+  """A figure with that many panels, three to a row."""
+  import matplotlib
+
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt
+
+  if not panels_needed:
+    raise ValueError('none of the requested tags were logged')
+  cols = min(3, panels_needed)
+  rows = -(-panels_needed // cols)
+  return plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
 
 
 def _line(ax, steps, values, smooth, label, keep_color, color=None):
