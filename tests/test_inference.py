@@ -150,12 +150,12 @@ def test_reconstruct_is_aligned_with_decode(codec):
 
 
 def test_reconstruct_levels_equals_encode_and_reconstruct():
-  """Clips of three lengths in one bucket: the codes and every level's
+  """Clips of two lengths in one bucket: the codes and every level's
   reconstruction are the per-length programs' results, from one encode and
   one decode program."""
   codec = Codec.random(codec_lib.tiny(), seed=1)
-  levels = [1, 3, codec.num_levels]
-  for t in (1920 * 5 + 7, 1920 * 9, 1920 * 12 + 1000):
+  levels = [1, codec.num_levels]
+  for t in (1920 * 5 + 7, 1920 * 12 + 1000):
     x = clip(t=t, seed=t)
     codes, out = codec.reconstruct_levels(x, levels)
     # The codes `reconstruct` decodes: of the clip padded to whole frames.
