@@ -13,6 +13,11 @@ SI-SDR per bitrate, mel distance, LSD, level-1 perplexity), `summary.json`
 (the same numbers) and `curves.png` (the in-loop metrics against steps,
 one line per run). A run without a ladder gets its in-loop figures only.
 docs/results.md explains the columns.
+
+Each run's numbers and plotted curves are also kept in OUT/runs/NAME.json
+(a few kB, no audio). A run that is not under ROOT is taken from there,
+so a sweep longer than one machine's lifetime is reported whole: commit
+OUT after each run, train the rest elsewhere, report again.
 """
 
 import argparse
@@ -22,6 +27,8 @@ import os
 import pathlib
 import subprocess
 import sys
+
+import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -44,6 +51,8 @@ TAGS = (
   'd/loss',
   'g/adv',
 )
+# Kept in OUT/runs/NAME.json besides TAGS: what `training_seconds` needs.
+KEPT = (*TAGS, 'perf/steps_per_second')
 
 
 def _newest_checkpoint(workdir: pathlib.Path) -> float:
@@ -108,6 +117,28 @@ def summarise(workdir: pathlib.Path) -> dict:
   return out
 
 
+def keep(summary: dict) -> dict:
+  """The summary with only the scalars that the report plots or needs."""
+  scalars = {t: v for t, v in summary['scalars'].items() if t in KEPT}
+  return {**summary, 'scalars': scalars}
+
+
+def _dumps(summary: dict) -> str:
+  scalars = {
+    t: [np.asarray(s).tolist(), np.asarray(v).tolist()]
+    for t, (s, v) in summary['scalars'].items()
+  }
+  return json.dumps({**summary, 'scalars': scalars}, indent=1) + '\n'
+
+
+def _loads(text: str) -> dict:
+  summary = json.loads(text)
+  summary['scalars'] = {
+    t: (np.array(s), np.array(v)) for t, (s, v) in summary['scalars'].items()
+  }
+  return summary
+
+
 def _fmt(value, digits: int = 2) -> str:
   if value is None or (isinstance(value, float) and math.isnan(value)):
     return '–'
@@ -150,14 +181,22 @@ def main(argv: list[str]) -> int:
     runs = sweep_lib.expand(json.loads(args.sweep.read_text()))
   except (OSError, ValueError, KeyError) as e:
     parser.error(f'{args.sweep}: {e}')
-  names = [n for n, _ in runs if (args.root / n / 'tensorboard').is_dir()]
-  if not names:
-    parser.error(f'no run of {args.sweep} has trained under {args.root}')
+  records = args.out / 'runs'
   summaries = {}
-  for name in names:
-    if args.evaluate:
-      evaluate(args.root / name, args.data, args.kbps, args.clip_seconds)
-    summaries[name] = summarise(args.root / name)
+  for name, _ in runs:
+    workdir = args.root / name
+    if (workdir / 'tensorboard').is_dir():
+      if args.evaluate:
+        evaluate(workdir, args.data, args.kbps, args.clip_seconds)
+      summaries[name] = keep(summarise(workdir))
+      records.mkdir(parents=True, exist_ok=True)
+      (records / f'{name}.json').write_text(_dumps(summaries[name]))
+    elif (records / f'{name}.json').exists():
+      summaries[name] = _loads((records / f'{name}.json').read_text())
+  if not summaries:
+    parser.error(
+      f'no run of {args.sweep} has trained under {args.root} or {records}'
+    )
   args.out.mkdir(parents=True, exist_ok=True)
   kbps = [f'{float(k):g}' for k in args.kbps.split(',')]
   text = table(summaries, kbps)

@@ -3,6 +3,7 @@
 import json
 import pathlib
 import runpy
+import shutil
 import subprocess
 import sys
 
@@ -185,3 +186,43 @@ def test_sweep_report_tables_each_runs_scores(tmp_path):
   assert lines[2].startswith('| a | 200 | 0.11 h | 0.500 | 0.50 | 2.00 | 8.00')
   assert lines[3].startswith('| b | 200 | 0.22 h | 0.250 | – |')
   assert (out / 'curves.png').stat().st_size > 1000
+
+
+def test_sweep_report_keeps_runs_that_are_gone(tmp_path):
+  """A run trained in an earlier session is reported from OUT/runs."""
+  from spectrostream_jax.training import train_logging
+
+  spec = {'gin_files': [], 'arms': {'a': {}, 'b': {}}}
+  (tmp_path / 'sweep.json').write_text(json.dumps(spec))
+  out = tmp_path / 'report'
+  cmd = [
+    sys.executable,
+    str(LAUNCH / 'sweep_report.py'),
+    str(tmp_path / 'sweep.json'),
+    str(tmp_path / 'root'),
+    '--out',
+    str(out),
+  ]
+  for name, rate in (('a', 0.5), ('b', 0.25)):
+    writer = train_logging.Writer(str(tmp_path / 'root' / name / 'tensorboard'))
+    for step in (100, 200):
+      writer.scalars(
+        step,
+        {
+          'perf/steps_per_second': rate,
+          'eval/si_sdr/1kbps': step / 100,
+          'perf/not_plotted': 1.0,
+        },
+      )
+    writer.close()
+    subprocess.run(cmd, check=True, capture_output=True)
+    # Only `name` trains in this "session".
+    shutil.rmtree(tmp_path / 'root' / name)
+  summary = json.loads((out / 'summary.json').read_text())
+  assert summary['a']['seconds'] == pytest.approx(400.0)
+  assert summary['b']['seconds'] == pytest.approx(800.0)
+  record = json.loads((out / 'runs' / 'a.json').read_text())
+  assert record['scalars']['eval/si_sdr/1kbps'] == [[100, 200], [1.0, 2.0]]
+  assert 'perf/not_plotted' not in record['scalars']
+  lines = (out / 'table.md').read_text().splitlines()
+  assert [line.split(' | ')[0] for line in lines[2:]] == ['| a', '| b']
